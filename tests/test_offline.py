@@ -1,0 +1,112 @@
+"""FFN skipping through vLLM's offline API on the embedded model (real engines, CPU).
+
+One vanilla engine (``--model-impl vllm``) and one ffnskip engine whose server default is
+off, shared by the whole module; every comparison is exact token equality.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from vllm import SamplingParams
+
+from tests.conftest import PROMPTS, close_llm, make_llm
+from tests.reference import SkipReference
+from vllm_ffnskip.policy import SkipPolicy
+from vllm_ffnskip.stats import collect_request_stats
+
+MAX_TOKENS = 24
+
+
+def greedy(xargs: dict | None = None, max_tokens: int = MAX_TOKENS) -> SamplingParams:
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, extra_args=xargs)
+
+
+def token_ids(outputs) -> list[list[int]]:
+    return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+@pytest.fixture(scope="module")
+def skip_llm(embedded_model: str) -> Iterator[object]:
+    llm = make_llm(
+        embedded_model,
+        model_impl="ffnskip",
+        additional_config={"ffnskip": {"enabled": False, "warmup": 2, "cold_start": 2, "cold_end": 2}},
+    )
+    yield llm
+    close_llm(llm)
+
+
+@pytest.fixture(scope="module")
+def vanilla_ids(vanilla_llm) -> list[list[int]]:
+    return token_ids(vanilla_llm.generate(PROMPTS, greedy()))
+
+
+def test_dense_requests_match_vanilla(skip_llm, vanilla_ids):
+    """Server default off, and a per-request opt-out: both token-identical to vanilla."""
+    assert len(PROMPTS) >= 8
+    assert token_ids(skip_llm.generate(PROMPTS, greedy())) == vanilla_ids
+    assert token_ids(skip_llm.generate(PROMPTS, greedy({"ffnskip": 0}))) == vanilla_ids
+    stats = collect_request_stats(skip_llm)
+    assert all(s["skipped"] == 0 for s in stats["requests"].values())
+
+
+def test_skipping_matches_single_sequence_reference(skip_llm, embedded_model):
+    """The batched implementation reproduces the plain-transformers reference of the rule."""
+    policy = SkipPolicy(threshold=0.96, warmup=2, cold_start=2, cold_end=2, span=1)
+    xargs = {"ffnskip": 1, "ffnskip_threshold": 0.96}
+    prompts = PROMPTS[:4]
+    outputs = skip_llm.generate(prompts, greedy(xargs))
+    stats = collect_request_stats(skip_llm)["requests"]
+    reference = SkipReference(embedded_model)
+    tokenizer = skip_llm.get_tokenizer()
+    total_skipped = 0
+    for prompt, out in zip(prompts, outputs):
+        expected = reference.generate(tokenizer.encode(prompt), MAX_TOKENS, policy)
+        assert list(out.outputs[0].token_ids) == expected.token_ids, prompt
+        assert stats[out.request_id] == {
+            "skipped": expected.skipped,
+            "evaluated": expected.evaluated,
+        }, prompt
+        total_skipped += expected.skipped
+    assert total_skipped > 0  # the comparison exercised skipping
+
+
+def test_mixed_batch(skip_llm, vanilla_ids):
+    """8 concurrent requests, half dense, half skipping at different thresholds: dense ones
+    equal vanilla, skipping ones equal their output when served alone."""
+    thresholds = [0.95, 0.96, 0.97, 0.98]
+    params = []
+    for i in range(8):
+        params.append(greedy({"ffnskip": 0} if i % 2 == 0 else {
+            "ffnskip": 1, "ffnskip_threshold": thresholds[i // 2]}))
+    prompts = PROMPTS[:8]
+    batched = token_ids(skip_llm.generate(prompts, params))
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        if i % 2 == 0:
+            assert batched[i] == vanilla_ids[i], prompt
+        else:
+            alone = token_ids(skip_llm.generate([prompt], p))[0]
+            assert batched[i] == alone, prompt
+    stats = collect_request_stats(skip_llm)
+    assert stats["total"]["skipped"] > 0
+
+
+def test_prefix_cache_keeps_policies_apart(skip_llm, vanilla_llm):
+    """A dense request whose prompt holds a skipping request's prompt and reply gets no KV
+    computed under skipping; a skipping request still hits dense prompt blocks."""
+    tokenizer = skip_llm.get_tokenizer()
+    question = " ".join(PROMPTS) + " Explain briefly:"  # several full KV blocks
+    turn1 = skip_llm.generate([question], greedy({"ffnskip": 1, "ffnskip_threshold": 0.95}, 48))[0]
+    follow_up = list(turn1.prompt_token_ids) + list(turn1.outputs[0].token_ids)
+    follow_up += tokenizer.encode(" Now say it again in French:", add_special_tokens=False)
+    prompt = {"prompt_token_ids": follow_up}
+    dense = skip_llm.generate([prompt], greedy({"ffnskip": 0}))[0]
+    expected = vanilla_llm.generate([prompt], greedy())[0]
+    assert list(dense.outputs[0].token_ids) == list(expected.outputs[0].token_ids)
+    # The dense request re-used the (dense) prompt blocks of turn 1 but not its reply.
+    assert 0 < dense.num_cached_tokens <= len(turn1.prompt_token_ids)
+    # A skipping request with the same question hits the dense prompt blocks.
+    again = skip_llm.generate([question], greedy({"ffnskip": 1, "ffnskip_threshold": 0.97}))[0]
+    assert again.num_cached_tokens > 0

@@ -1,0 +1,136 @@
+"""Per-step, per-token skip state built from the requests in vLLM's persistent batch.
+
+``RequestSkipState`` lives as long as a skipping request sits in the worker's persistent
+batch (``SkipPolicyTracker`` keeps them by batch row). ``SkipBatch`` is rebuilt at the first
+decoder layer of every forward pass from those rows, the step's ``query_start_loc`` (request
+``i`` owns tokens ``qsl[i]:qsl[i+1]``) and the token positions, and is carried through the
+layers in the forward context. Everything here derives from data that is identical on every
+tensor-parallel rank, so every rank builds the same batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass
+class RequestSkipState:
+    """One skipping request's resolved policy and running counters."""
+
+    request_id: str
+    prompt_len: int
+    thresholds: np.ndarray  # [num_layers] float32
+    warmup: int
+    cold_start: int
+    cold_end: int
+    span: int
+    skipped: int = 0  # FFN blocks skipped so far
+    evaluated: int = 0  # FFN blocks (run or skipped) of its decode tokens so far
+
+    @classmethod
+    def from_wire(cls, request_id: str, prompt_len: int, wire: dict[str, Any]) -> RequestSkipState:
+        return cls(
+            request_id=request_id,
+            prompt_len=prompt_len,
+            thresholds=np.asarray(wire["thresholds"], dtype=np.float32),
+            warmup=int(wire["warmup"]),
+            cold_start=int(wire["cold_start"]),
+            cold_end=int(wire["cold_end"]),
+            span=int(wire["span"]),
+        )
+
+
+@dataclass
+class SkipBatch:
+    """Per-token skip state of one forward pass.
+
+    ``hot[t, l]``: token ``t`` may skip layer ``l`` (decode token past warm-up of a skipping
+    request, ``l`` outside its cold regions). ``budget[t]``: how many following hot layers
+    token ``t`` still skips. Tensors live on the hidden states' device.
+    """
+
+    hot: torch.Tensor  # [T, L] bool
+    thresholds: torch.Tensor  # [T, L] float32
+    span: torch.Tensor  # [T] int32
+    budget: torch.Tensor  # [T] int32
+    skipped: torch.Tensor  # [T] int32, FFN blocks skipped per token in this pass
+    token_rows: np.ndarray  # [T] index into ``states`` (-1: not a skipping request)
+    states: list[RequestSkipState]
+    layer_hot_any: list[bool] = field(default_factory=list)  # per layer: any hot token
+
+    @classmethod
+    def build(
+        cls,
+        rows: dict[int, RequestSkipState],
+        query_start_loc: torch.Tensor,
+        positions: torch.Tensor,
+        num_layers: int,
+        stage_layers: int,
+        device: torch.device,
+    ) -> SkipBatch | None:
+        """None when no token of this pass may skip (the dense fast path).
+
+        Counts the pass's decode tokens as evaluated FFN blocks (``stage_layers`` per token:
+        the layers this pipeline stage runs) whether or not any of them may skip.
+        """
+        qsl = query_start_loc.cpu().numpy()
+        num_tokens = positions.shape[0]
+        pos = positions[: int(qsl[-1])].cpu().numpy()
+        states: list[RequestSkipState] = []
+        token_rows = np.full(num_tokens, -1, dtype=np.int64)
+        for row, state in rows.items():
+            if row + 1 >= len(qsl):  # not scheduled in this step
+                continue
+            token_rows[qsl[row] : qsl[row + 1]] = len(states)
+            states.append(state)
+        if not states:
+            return None
+        idx = np.nonzero(token_rows >= 0)[0]
+        state_of = token_rows[idx]
+        prompt_len = np.array([s.prompt_len for s in states])[state_of]
+        warmup = np.array([s.warmup for s in states])[state_of]
+        decode = pos[idx] >= prompt_len
+        decode_tokens = np.bincount(state_of[decode], minlength=len(states))
+        for state, n in zip(states, decode_tokens):
+            state.evaluated += int(n) * stage_layers
+        eligible = pos[idx] >= prompt_len + warmup
+        if not eligible.any():
+            return None
+        layers = np.arange(num_layers)
+        cold_start = np.array([s.cold_start for s in states])[state_of]
+        cold_end = np.array([s.cold_end for s in states])[state_of]
+        hot = np.zeros((num_tokens, num_layers), dtype=bool)
+        hot[idx] = (
+            eligible[:, None]
+            & (layers[None, :] >= cold_start[:, None])
+            & (layers[None, :] < num_layers - cold_end[:, None])
+        )
+        thresholds = np.ones((num_tokens, num_layers), dtype=np.float32)
+        thresholds[idx] = np.stack([s.thresholds for s in states])[state_of]
+        span = np.zeros(num_tokens, dtype=np.int32)
+        span[idx] = np.array([s.span for s in states])[state_of]
+        return cls(
+            hot=torch.from_numpy(hot).to(device),
+            thresholds=torch.from_numpy(thresholds).to(device),
+            span=torch.from_numpy(span).to(device),
+            budget=torch.zeros(num_tokens, dtype=torch.int32, device=device),
+            skipped=torch.zeros(num_tokens, dtype=torch.int32, device=device),
+            token_rows=token_rows,
+            states=states,
+            layer_hot_any=hot.any(axis=0).tolist(),
+        )
+
+    def finish(self) -> None:
+        """Fold this pass's skip counts into the requests' counters (after the last layer)."""
+        mask = self.token_rows >= 0
+        per_state = np.bincount(
+            self.token_rows[mask],
+            weights=self.skipped.cpu().numpy()[mask],
+            minlength=len(self.states),
+        )
+        for state, n in zip(self.states, per_state):
+            state.skipped += int(n)

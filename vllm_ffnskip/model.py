@@ -1,0 +1,61 @@
+"""FFNSkipLlamaForCausalLM: vLLM's LLaMa with the skip-aware FFN in every decoder layer.
+
+Weights, attention, KV cache, compilation and loading are vLLM's own (``LlamaForCausalLM``
+composed with ``layer_type=``); only the decoder layer's FFN call changes.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.config import CompilationMode, VllmConfig
+from vllm.distributed import get_pp_group
+from vllm.distributed.utils import get_pp_indices
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
+
+import vllm_ffnskip.skip_ffn  # noqa: F401  registers torch.ops.vllm.ffnskip_mlp
+
+
+class FFNSkipDecoderLayer(LlamaDecoderLayer):
+    """A LLaMa decoder layer whose FFN may be skipped per token."""
+
+    def __init__(self, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
+        config = vllm_config.model_config.hf_config
+        self.layer_idx = extract_layer_index(prefix)
+        self.num_layers = config.num_hidden_layers
+        pp = get_pp_group()
+        self.first_layer, end = get_pp_indices(self.num_layers, pp.rank_in_group, pp.world_size)
+        self.last_layer = end - 1
+        self.compiled = vllm_config.compilation_config.mode != CompilationMode.NONE
+        # Registered like vLLM's attention and MoE layers, so the opaque op finds its layer.
+        self.layer_name = f"{prefix}.ffnskip"
+        context = vllm_config.compilation_config.static_forward_context
+        if self.layer_name in context:
+            raise ValueError(f"Duplicate layer name: {self.layer_name}")
+        context[self.layer_name] = self
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        hidden_states = torch.ops.vllm.ffnskip_mlp(
+            hidden_states, residual, positions, self.layer_name
+        )
+        return hidden_states, residual
+
+
+class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
+    """``LlamaForCausalLM`` built from ``FFNSkipDecoderLayer``s."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=FFNSkipDecoderLayer)

@@ -1,0 +1,215 @@
+"""SkipPolicy: what a request asks of FFN skipping, parsed, validated and resolved.
+
+One policy reaches the engine in three layers, later ones overriding earlier ones:
+the built-in defaults, the server default (``--additional-config '{"ffnskip": {...}}'``,
+optionally through a ``policy_file`` with per-layer thresholds), and the request's own
+``SamplingParams.extra_args`` (OpenAI field ``vllm_xargs``).
+
+The API server resolves the three into one plain dict (``SkipPolicy.to_wire``) stored in the
+request's ``extra_args`` under ``RESOLVED_KEY``; the scheduler (prefix-cache keys) and the
+workers (skip decisions) read only that. This module imports nothing of vLLM or of ours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+#: extra_args key holding the resolved policy; written by the API server, never by users.
+RESOLVED_KEY = "ffnskip_resolved"
+#: extra_args key holding the caller's request id, so per-request statistics can be found.
+REQUEST_ID_KEY = "ffnskip_request_id"
+
+#: Per-request keys (``vllm_xargs``) and the SkipPolicy field each one sets.
+REQUEST_KEYS: dict[str, str] = {
+    "ffnskip": "enabled",
+    "ffnskip_threshold": "threshold",
+    "ffnskip_warmup": "warmup",
+    "ffnskip_cold_start": "cold_start",
+    "ffnskip_cold_end": "cold_end",
+    "ffnskip_span": "span",
+}
+#: Server-config keys (``--additional-config '{"ffnskip": {...}}'``) beside the policy fields.
+SERVER_KEYS = ("enabled", "threshold", "warmup", "cold_start", "cold_end", "span", "policy_file")
+#: Keys a policy file may hold.
+FILE_KEYS = ("threshold", "layer_thresholds", "warmup", "cold_start", "cold_end", "span")
+
+
+class PolicyError(ValueError):
+    """An invalid policy value; ``field`` names the offending key as the user wrote it."""
+
+    def __init__(self, field: str, message: str, value: Any = None) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.value = value
+
+
+@dataclass(frozen=True)
+class SkipPolicy:
+    """The FFN-SkipLLM rule's knobs for one request (see docs/algorithm.md).
+
+    ``layer_thresholds`` (one per layer, from a calibrated policy file) takes precedence over
+    ``threshold``; a request that sets ``ffnskip_threshold`` replaces both with one value.
+    """
+
+    enabled: bool = True
+    threshold: float = 0.98
+    warmup: int = 2
+    cold_start: int = 2
+    cold_end: int = 2
+    span: int = 1
+    layer_thresholds: tuple[float, ...] | None = field(default=None)
+
+    def thresholds(self, num_layers: int) -> list[float]:
+        """The threshold of every layer (cold layers included; they never trigger)."""
+        if self.layer_thresholds is not None:
+            return list(self.layer_thresholds)
+        return [self.threshold] * num_layers
+
+    def validate_for(self, num_layers: int, field_names: Mapping[str, str] = {}) -> None:
+        """Checks that need the model: cold regions must leave a hot layer, per-layer
+        thresholds must match the layer count. ``field_names`` maps a policy field to the
+        key the user wrote, so the error names a key they sent."""
+        if self.cold_start + self.cold_end >= num_layers:
+            name = field_names.get("cold_start") or field_names.get("cold_end") or "cold_start"
+            raise PolicyError(
+                name,
+                f"cold regions ({self.cold_start} + {self.cold_end} layers) cover all "
+                f"{num_layers} layers of the model; nothing could be skipped",
+                self.cold_start + self.cold_end,
+            )
+        if self.layer_thresholds is not None and len(self.layer_thresholds) != num_layers:
+            raise PolicyError(
+                field_names.get("layer_thresholds", "layer_thresholds"),
+                f"has {len(self.layer_thresholds)} entries, the model has {num_layers} layers",
+            )
+
+    def to_wire(self, num_layers: int) -> dict[str, Any]:
+        """Plain-data form carried in ``extra_args`` across processes."""
+        return {
+            "thresholds": self.thresholds(num_layers),
+            "warmup": self.warmup,
+            "cold_start": self.cold_start,
+            "cold_end": self.cold_end,
+            "span": self.span,
+        }
+
+
+def _check_int(name: str, value: Any, minimum: int) -> int:
+    # bool is an int subclass; "ffnskip_warmup": true is a mistake, not 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PolicyError(name, f"must be an integer >= {minimum}, got {value!r}", value)
+    if value < minimum or value > 1_000_000:
+        raise PolicyError(name, f"must be an integer in [{minimum}, 1000000], got {value}", value)
+    return value
+
+
+def _check_threshold(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PolicyError(name, f"must be a number in (0, 1], got {value!r}", value)
+    value = float(value)
+    if math.isnan(value) or not 0.0 < value <= 1.0:
+        raise PolicyError(name, f"must be a number in (0, 1], got {value}", value)
+    return value
+
+
+def _check_enabled(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise PolicyError(name, f"must be 0 or 1 (or a boolean), got {value!r}", value)
+
+
+def _field_value(field_name: str, key: str, value: Any) -> Any:
+    if field_name == "enabled":
+        return _check_enabled(key, value)
+    if field_name == "threshold":
+        return _check_threshold(key, value)
+    if field_name == "span":
+        return _check_int(key, value, 1)
+    return _check_int(key, value, 0)
+
+
+def load_policy_file(path: str | Path, base: SkipPolicy = SkipPolicy()) -> SkipPolicy:
+    """Read a calibrated policy file (JSON written by ``vllm-ffnskip calibrate``)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PolicyError("policy_file", f"cannot read {path}: {e}", str(path)) from e
+    if not isinstance(data, dict):
+        raise PolicyError("policy_file", f"{path} must hold a JSON object", str(path))
+    unknown = sorted(set(data) - set(FILE_KEYS) - {"model", "calibration"})
+    if unknown:
+        raise PolicyError("policy_file", f"{path}: unknown keys {unknown}", str(path))
+    updates: dict[str, Any] = {}
+    for key in FILE_KEYS:
+        if key not in data:
+            continue
+        if key == "layer_thresholds":
+            values = data[key]
+            if not isinstance(values, list) or not values:
+                raise PolicyError("policy_file", f"{path}: layer_thresholds must be a list")
+            updates[key] = tuple(
+                _check_threshold(f"{path}: layer_thresholds[{i}]", v) for i, v in enumerate(values)
+            )
+        else:
+            try:
+                updates[key] = _field_value(key, key, data[key])
+            except PolicyError as e:
+                raise PolicyError("policy_file", f"{path}: {e}", str(path)) from e
+    return replace(base, **updates)
+
+
+def parse_server_config(config: Any, base: SkipPolicy = SkipPolicy()) -> SkipPolicy:
+    """The server default from ``additional_config["ffnskip"]`` (None: the base policy)."""
+    if config is None:
+        return base
+    if not isinstance(config, dict):
+        raise PolicyError("ffnskip", f"must be a JSON object, got {config!r}", config)
+    unknown = sorted(set(config) - set(SERVER_KEYS))
+    if unknown:
+        raise PolicyError(f"ffnskip.{unknown[0]}", f"unknown key (known: {list(SERVER_KEYS)})")
+    policy = base
+    if "policy_file" in config:
+        if not isinstance(config["policy_file"], str):
+            raise PolicyError("ffnskip.policy_file", "must be a path string")
+        policy = load_policy_file(config["policy_file"], policy)
+    updates = {
+        key: _field_value(key, f"ffnskip.{key}", config[key])
+        for key in SERVER_KEYS
+        if key in config and key != "policy_file"
+    }
+    if "threshold" in updates:
+        updates["layer_thresholds"] = None
+    return replace(policy, **updates)
+
+
+def parse_request(
+    extra_args: Mapping[str, Any] | None, default: SkipPolicy, num_layers: int
+) -> SkipPolicy:
+    """The request's policy: the server default overridden by its ``ffnskip*`` keys,
+    validated for a model of ``num_layers`` layers.
+
+    Keys not starting with ``ffnskip`` belong to others and are left alone; an unknown
+    ``ffnskip*`` key is an error (a typo must not silently fall back to the default).
+    """
+    updates: dict[str, Any] = {}
+    sent: dict[str, str] = {}
+    for key, value in (extra_args or {}).items():
+        if not key.startswith("ffnskip"):
+            continue
+        field_name = REQUEST_KEYS.get(key)
+        if field_name is None:
+            raise PolicyError(key, f"unknown key (known: {sorted(REQUEST_KEYS)})")
+        updates[field_name] = _field_value(field_name, key, value)
+        sent[field_name] = key
+    if "threshold" in updates:
+        updates["layer_thresholds"] = None
+    policy = replace(default, **updates) if updates else default
+    policy.validate_for(num_layers, sent)
+    return policy

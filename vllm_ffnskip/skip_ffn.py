@@ -1,0 +1,148 @@
+"""The skip-aware FFN: an opaque custom op around a decoder layer's stock MLP.
+
+Row counts that depend on the data cannot live inside a traced or captured graph, so the
+whole FFN of a layer (gather active rows -> stock ``LlamaMLP`` -> scatter, then the
+saturation test) runs inside ``torch.ops.vllm.ffnskip_mlp``, which torch.compile treats as
+an opaque node with a same-shape fake implementation — the way vLLM keeps attention out of
+its graphs. When no token of a pass may skip, the op calls the stock MLP on all rows and
+nothing else.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from vllm.forward_context import get_forward_context
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from vllm_ffnskip.batch import SkipBatch
+from vllm_ffnskip.stats import RECORDER
+from vllm_ffnskip.tracker import SkipPolicyTracker
+
+if TYPE_CHECKING:
+    from vllm_ffnskip.model import FFNSkipDecoderLayer
+
+#: Key of the pass's SkipBatch in ``ForwardContext.additional_kwargs``.
+BATCH_KEY = "ffnskip_batch"
+
+
+def _query_start_loc(attn_metadata: object) -> torch.Tensor | None:
+    if isinstance(attn_metadata, dict):
+        attn_metadata = next(iter(attn_metadata.values()), None)
+    return getattr(attn_metadata, "query_start_loc", None)
+
+
+def _batch_for(layer: FFNSkipDecoderLayer, positions: torch.Tensor) -> SkipBatch | None:
+    """The pass's SkipBatch; built by the first layer of this pipeline stage."""
+    ctx = get_forward_context()
+    if layer.layer_idx == layer.first_layer:
+        tracker = SkipPolicyTracker.current
+        qsl = _query_start_loc(ctx.attn_metadata)
+        batch = None
+        if tracker is not None and tracker.rows and qsl is not None:
+            batch = SkipBatch.build(
+                tracker.rows,
+                qsl,
+                positions,
+                num_layers=layer.num_layers,
+                stage_layers=layer.last_layer - layer.first_layer + 1,
+                device=positions.device,
+            )
+        ctx.additional_kwargs[BATCH_KEY] = batch
+        return batch
+    return ctx.additional_kwargs.get(BATCH_KEY)
+
+
+@torch.compile(dynamic=True)
+def _compiled_mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return mlp(x)
+
+
+def run_mlp(layer: FFNSkipDecoderLayer, x: torch.Tensor) -> torch.Tensor:
+    """The layer's stock MLP, compiled when the model is: inductor fuses SiLU-and-mul in
+    float32 inside the model's graph, so an eager MLP here would round differently from
+    vanilla vLLM and dense requests would drift from it."""
+    if layer.compiled:
+        return _compiled_mlp(layer.mlp, x)
+    return layer.mlp(x)
+
+
+def saturation(h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """FFN-SkipLLM's score cos(h, h + f) per row, in float32."""
+    h = h.float()
+    return F.cosine_similarity(h, h + f.float(), dim=-1)
+
+
+def ffnskip_mlp(
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor,
+    positions: torch.Tensor,
+    layer_name: str,
+) -> torch.Tensor:
+    """FFN of one decoder layer with per-token skipping (see docs/algorithm.md).
+
+    ``hidden_states``: post-attention-norm input of the MLP; ``residual``: the stream h
+    entering the FFN block. Skipped rows return exactly zero, so the next layer's residual
+    add leaves h unchanged.
+    """
+    layer: FFNSkipDecoderLayer = get_forward_context().no_compile_layers[layer_name]
+    batch = _batch_for(layer, positions)
+    if batch is None:
+        return run_mlp(layer, hidden_states)
+    out = _skip_step(layer, batch, hidden_states, residual)
+    if layer.layer_idx == layer.last_layer:
+        batch.finish()
+    return out
+
+
+def _skip_step(
+    layer: FFNSkipDecoderLayer,
+    batch: SkipBatch,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor,
+) -> torch.Tensor:
+    l = layer.layer_idx
+    if not batch.layer_hot_any[l]:
+        batch.budget.zero_()  # a cold layer ends every token's skip run
+        return run_mlp(layer, hidden_states)
+    hot = batch.hot[:, l]
+    skip = hot & (batch.budget > 0)
+    # Budgets: a skipped layer spends one; a cold layer clears it; a computed hot layer
+    # sets it below from its score.
+    batch.budget.sub_(skip.to(batch.budget.dtype)).mul_(hot.to(batch.budget.dtype))
+    batch.skipped.add_(skip.to(batch.skipped.dtype))
+    run = ~skip
+    if bool(skip.any()):
+        rows = run.nonzero().squeeze(1)
+        out = torch.zeros_like(hidden_states)
+        if rows.numel():
+            out[rows] = run_mlp(layer, hidden_states[rows])
+    else:
+        out = run_mlp(layer, hidden_states)
+    test = (hot & run).nonzero().squeeze(1)
+    if test.numel():
+        score = saturation(residual[test], out[test])
+        if RECORDER.enabled:
+            RECORDER.add(l, score.tolist())
+        fire = score >= batch.thresholds[test, l]
+        batch.budget[test] = torch.where(fire, batch.span[test], 0)
+    return out
+
+
+def _ffnskip_mlp_fake(
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor,
+    positions: torch.Tensor,
+    layer_name: str,
+) -> torch.Tensor:
+    return torch.empty_like(hidden_states)
+
+
+direct_register_custom_op(
+    op_name="ffnskip_mlp",
+    op_func=ffnskip_mlp,
+    mutates_args=[],
+    fake_impl=_ffnskip_mlp_fake,
+)

@@ -1,0 +1,110 @@
+"""Skip counters: per request and in aggregate, kept in the worker that makes the decisions.
+
+A request's counters live in its ``RequestSkipState`` while it is in the persistent batch and
+move here when it leaves. Finished records are kept in a bounded buffer (the newest
+``MAX_FINISHED``) until a caller collects them, so a server whose callers never ask does not
+grow. The offline API reaches them through ``LLM.collective_rpc("ffnskip_stats")``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+MAX_FINISHED = 4096
+
+
+@dataclass
+class SkipStats:
+    """FFN blocks skipped / evaluated (decode tokens of requests with skipping on)."""
+
+    skipped: int = 0
+    evaluated: int = 0
+
+    @property
+    def ratio(self) -> float:
+        return self.skipped / self.evaluated if self.evaluated else 0.0
+
+    def add(self, skipped: int, evaluated: int) -> None:
+        self.skipped += skipped
+        self.evaluated += evaluated
+
+
+class SkipStatsStore:
+    """This worker's totals and the records of requests that left the batch."""
+
+    def __init__(self) -> None:
+        self.total = SkipStats()
+        self.requests_skipping = 0
+        self._finished: OrderedDict[str, SkipStats] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, request_id: str, skipped: int, evaluated: int) -> None:
+        """A request left the persistent batch (finished, aborted or preempted)."""
+        with self._lock:
+            self.total.add(skipped, evaluated)
+            entry = self._finished.pop(request_id, None) or SkipStats()
+            if entry.evaluated == 0:
+                self.requests_skipping += 1
+            entry.add(skipped, evaluated)
+            self._finished[request_id] = entry
+            while len(self._finished) > MAX_FINISHED:
+                self._finished.popitem(last=False)
+        logger.debug(
+            "ffnskip request %s: %d/%d FFN blocks skipped", request_id, skipped, evaluated
+        )
+
+    def pop_finished(self) -> dict[str, dict[str, int]]:
+        with self._lock:
+            out = {rid: asdict(s) for rid, s in self._finished.items()}
+            self._finished.clear()
+        return out
+
+    def __len__(self) -> int:
+        return len(self._finished)
+
+
+#: The store of this process (one model per vLLM worker process).
+STORE = SkipStatsStore()
+
+
+def collect_request_stats(llm: Any) -> dict[str, Any]:
+    """Per-request and total skip counts from the first worker of an offline ``vllm.LLM``.
+
+    Returns ``{"requests": {request_id: {"skipped", "evaluated"}}, "total": {...},
+    "requests_skipping": n}``; per-request records are handed over once.
+    """
+    return llm.collective_rpc("ffnskip_stats")[0]
+
+
+class SaturationRecorder:
+    """Saturation scores per layer, recorded while ``VLLM_FFNSKIP_RECORD_SCORES=1``.
+
+    ``vllm-ffnskip profile`` serves requests whose policy computes the score at every layer
+    (cold regions 0/0, threshold 1.0) and reads the scores back through
+    ``collective_rpc("ffnskip_saturation")``.
+    """
+
+    def __init__(self) -> None:
+        import os
+
+        self.enabled = os.environ.get("VLLM_FFNSKIP_RECORD_SCORES") == "1"
+        self._scores: dict[int, list[float]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, layer: int, scores: list[float]) -> None:
+        with self._lock:
+            self._scores.setdefault(layer, []).extend(scores)
+
+    def pop(self) -> dict[int, list[float]]:
+        with self._lock:
+            out, self._scores = self._scores, {}
+        return out
+
+
+RECORDER = SaturationRecorder()
