@@ -96,17 +96,23 @@ def test_mixed_batch(skip_llm, vanilla_ids):
 def test_prefix_cache_keeps_policies_apart(skip_llm, vanilla_llm):
     """A dense request whose prompt holds a skipping request's prompt and reply gets no KV
     computed under skipping; a skipping request still hits dense prompt blocks."""
+    block = skip_llm.llm_engine.vllm_config.cache_config.block_size
     tokenizer = skip_llm.get_tokenizer()
-    question = " ".join(PROMPTS) + " Explain briefly:"  # several full KV blocks
-    turn1 = skip_llm.generate([question], greedy({"ffnskip": 1, "ffnskip_threshold": 0.95}, 48))[0]
+    question = tokenizer.decode(tokenizer.encode(" ".join(PROMPTS * 8))[: 2 * block + block // 2])
+    turn1 = skip_llm.generate(
+        [question], greedy({"ffnskip": 1, "ffnskip_threshold": 0.95}, block)
+    )[0]
+    prompt_len = len(turn1.prompt_token_ids)
+    assert prompt_len + block >= 3 * block  # turn 1 filled a block holding reply tokens
     follow_up = list(turn1.prompt_token_ids) + list(turn1.outputs[0].token_ids)
-    follow_up += tokenizer.encode(" Now say it again in French:", add_special_tokens=False)
+    follow_up += tokenizer.encode(" Say it again in French:", add_special_tokens=False)
     prompt = {"prompt_token_ids": follow_up}
     dense = skip_llm.generate([prompt], greedy({"ffnskip": 0}))[0]
     expected = vanilla_llm.generate([prompt], greedy())[0]
     assert list(dense.outputs[0].token_ids) == list(expected.outputs[0].token_ids)
-    # The dense request re-used the (dense) prompt blocks of turn 1 but not its reply.
-    assert 0 < dense.num_cached_tokens <= len(turn1.prompt_token_ids)
-    # A skipping request with the same question hits the dense prompt blocks.
+    # The dense request re-used turn 1's prompt-only blocks, and not the block that holds
+    # KV computed while turn 1 was skipping.
+    assert dense.num_cached_tokens == (prompt_len // block) * block > 0
+    # A skipping request with another policy still hits the dense prompt blocks.
     again = skip_llm.generate([question], greedy({"ffnskip": 1, "ffnskip_threshold": 0.97}))[0]
-    assert again.num_cached_tokens > 0
+    assert again.num_cached_tokens == (prompt_len // block) * block

@@ -7,7 +7,7 @@ composed with ``layer_type=``); only the decoder layer's FFN call changes.
 from __future__ import annotations
 
 import torch
-from vllm.config import CompilationMode, VllmConfig
+from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.distributed.utils import get_pp_indices
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
@@ -27,7 +27,6 @@ class FFNSkipDecoderLayer(LlamaDecoderLayer):
         pp = get_pp_group()
         self.first_layer, end = get_pp_indices(self.num_layers, pp.rank_in_group, pp.world_size)
         self.last_layer = end - 1
-        self.compiled = vllm_config.compilation_config.mode != CompilationMode.NONE
         # Registered like vLLM's attention and MoE layers, so the opaque op finds its layer.
         self.layer_name = f"{prefix}.ffnskip"
         context = vllm_config.compilation_config.static_forward_context

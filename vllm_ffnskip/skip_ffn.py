@@ -55,20 +55,6 @@ def _batch_for(layer: FFNSkipDecoderLayer, positions: torch.Tensor) -> SkipBatch
     return ctx.additional_kwargs.get(BATCH_KEY)
 
 
-@torch.compile(dynamic=True)
-def _compiled_mlp(mlp: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return mlp(x)
-
-
-def run_mlp(layer: FFNSkipDecoderLayer, x: torch.Tensor) -> torch.Tensor:
-    """The layer's stock MLP, compiled when the model is: inductor fuses SiLU-and-mul in
-    float32 inside the model's graph, so an eager MLP here would round differently from
-    vanilla vLLM and dense requests would drift from it."""
-    if layer.compiled:
-        return _compiled_mlp(layer.mlp, x)
-    return layer.mlp(x)
-
-
 def saturation(h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
     """FFN-SkipLLM's score cos(h, h + f) per row, in float32."""
     h = h.float()
@@ -90,7 +76,7 @@ def ffnskip_mlp(
     layer: FFNSkipDecoderLayer = get_forward_context().no_compile_layers[layer_name]
     batch = _batch_for(layer, positions)
     if batch is None:
-        return run_mlp(layer, hidden_states)
+        return layer.mlp(hidden_states)
     out = _skip_step(layer, batch, hidden_states, residual)
     if layer.layer_idx == layer.last_layer:
         batch.finish()
@@ -106,7 +92,7 @@ def _skip_step(
     l = layer.layer_idx
     if not batch.layer_hot_any[l]:
         batch.budget.zero_()  # a cold layer ends every token's skip run
-        return run_mlp(layer, hidden_states)
+        return layer.mlp(hidden_states)
     hot = batch.hot[:, l]
     skip = hot & (batch.budget > 0)
     # Budgets: a skipped layer spends one; a cold layer clears it; a computed hot layer
@@ -118,9 +104,9 @@ def _skip_step(
         rows = run.nonzero().squeeze(1)
         out = torch.zeros_like(hidden_states)
         if rows.numel():
-            out[rows] = run_mlp(layer, hidden_states[rows])
+            out[rows] = layer.mlp(hidden_states[rows])
     else:
-        out = run_mlp(layer, hidden_states)
+        out = layer.mlp(hidden_states)
     test = (hot & run).nonzero().squeeze(1)
     if test.numel():
         score = saturation(residual[test], out[test])

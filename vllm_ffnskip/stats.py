@@ -8,15 +8,20 @@ grow. The offline API reaches them through ``LLM.collective_rpc("ffnskip_stats")
 
 from __future__ import annotations
 
-import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from typing import Any
 
-logger = logging.getLogger(__name__)
+from vllm.logger import init_logger
+
+# Under the "vllm" logger, so vLLM's logging configuration (format, level) applies.
+logger = init_logger(f"vllm.{__name__}")
 
 MAX_FINISHED = 4096
+#: Seconds between the aggregate log lines (like vLLM's own throughput lines).
+LOG_INTERVAL_S = 10.0
 
 
 @dataclass
@@ -43,6 +48,8 @@ class SkipStatsStore:
         self.requests_skipping = 0
         self._finished: OrderedDict[str, SkipStats] = OrderedDict()
         self._lock = threading.Lock()
+        self._logged = SkipStats()
+        self._last_log = time.monotonic()
 
     def record(self, request_id: str, skipped: int, evaluated: int) -> None:
         """A request left the persistent batch (finished, aborted or preempted)."""
@@ -57,6 +64,25 @@ class SkipStatsStore:
                 self._finished.popitem(last=False)
         logger.debug(
             "ffnskip request %s: %d/%d FFN blocks skipped", request_id, skipped, evaluated
+        )
+
+    def maybe_log(self) -> None:
+        """An INFO line for operators when requests finished since the last one."""
+        now = time.monotonic()
+        if now - self._last_log < LOG_INTERVAL_S or self.total == self._logged:
+            return
+        with self._lock:
+            delta = SkipStats(
+                self.total.skipped - self._logged.skipped,
+                self.total.evaluated - self._logged.evaluated,
+            )
+            self._logged = SkipStats(self.total.skipped, self.total.evaluated)
+        self._last_log = now
+        logger.info(
+            "FFN skip: %d of %d FFN blocks skipped (%.1f%%) since the last report; "
+            "total %.1f%% over %d skipping requests",
+            delta.skipped, delta.evaluated, 100 * delta.ratio, 100 * self.total.ratio,
+            self.requests_skipping,
         )
 
     def pop_finished(self) -> dict[str, dict[str, int]]:

@@ -39,6 +39,7 @@ class SkipPolicyTracker(LogitsProcessor):
         return logits
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
+        STORE.maybe_log()
         if batch_update is None:
             return
         # A removed row is listed only while nothing refills it: an added request, or a

@@ -1,0 +1,117 @@
+"""The patches: version guard, idempotence, model-impl resolution, start-time checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from vllm_ffnskip import patches
+
+
+def test_unknown_vllm_version_fails_loudly():
+    with pytest.raises(patches.UnsupportedVLLMVersion, match="0.99.0"):
+        patches.check_vllm_version("0.99.0")
+    patches.check_vllm_version("0.32.0")
+
+
+def test_register_is_idempotent():
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_ffnskip import register
+
+    register()
+    first = EngineArgs.create_engine_config
+    register()
+    assert EngineArgs.create_engine_config is first
+    assert getattr(first, "__ffnskip_patch__", False)
+
+
+def test_vllm_command_reports_its_version():
+    done = subprocess.run(["vllm", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("0.32")
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory) -> str:
+    from transformers import GPT2Config
+
+    path = tmp_path_factory.mktemp("gpt2")
+    GPT2Config(n_layer=2, n_embd=128, n_head=2, vocab_size=256).save_pretrained(path)
+    return str(path)
+
+
+def engine_config(model: str, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=model, skip_tokenizer_init=True, **kwargs).create_engine_config()
+
+
+def test_unsupported_architecture_fails_at_start(gpt2_dir):
+    with pytest.raises(ValueError, match="LlamaForCausalLM.*checkpoints"):
+        engine_config(gpt2_dir, model_impl="ffnskip")
+    engine_config(gpt2_dir)  # without the flag, nothing changes
+
+
+def test_ffnskip_resolves_llama_to_our_class(embedded_model):
+    from vllm.model_executor.model_loader.utils import get_model_cls
+
+    config = engine_config(embedded_model, model_impl="ffnskip")
+    assert get_model_cls(config.model_config).__name__ == "FFNSkipLlamaForCausalLM"
+    assert "vllm_ffnskip.tracker:SkipPolicyTracker" in config.model_config.logits_processors
+    vanilla = engine_config(embedded_model)
+    assert get_model_cls(vanilla.model_config).__name__ == "LlamaForCausalLM"
+    assert not vanilla.model_config.logits_processors
+    assert not vanilla.parallel_config.worker_extension_cls
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"threshold": 1.5}, "ffnskip.threshold"),
+        ({"cold_start": 20, "cold_end": 10}, "cold regions"),
+        ({"policy_file": "/nonexistent/p.json"}, "/nonexistent/p.json"),
+        ({"colour": 1}, "ffnskip.colour"),
+    ],
+)
+def test_bad_server_config_fails_at_start(embedded_model, config, message):
+    with pytest.raises(ValueError, match="invalid --additional-config") as err:
+        engine_config(embedded_model, model_impl="ffnskip", additional_config={"ffnskip": config})
+    assert message in str(err.value)
+
+
+def test_malformed_policy_file_fails_at_start_with_path_and_reason(embedded_model, tmp_path):
+    path = tmp_path / "policy.json"
+    path.write_text(json.dumps({"layer_thresholds": [0.9] * 7}))
+    with pytest.raises(ValueError) as err:
+        engine_config(
+            embedded_model, model_impl="ffnskip",
+            additional_config={"ffnskip": {"policy_file": str(path)}},
+        )
+    assert "7 entries" in str(err.value) and "30 layers" in str(err.value)
+
+
+def test_prefix_cache_key_only_past_the_prompt():
+    from types import SimpleNamespace
+
+    from vllm.v1.core import block_pool, kv_cache_utils
+    from vllm.sampling_params import SamplingParams
+
+    from vllm_ffnskip.policy import RESOLVED_KEY, SkipPolicy
+
+    wire = SkipPolicy().to_wire(30)
+    request = SimpleNamespace(
+        sampling_params=SamplingParams(extra_args={RESOLVED_KEY: wire}),
+        num_prompt_tokens=32, mm_features=[], lora_request=None, cache_salt=None,
+        prompt_embeds=None,
+    )
+    generate = kv_cache_utils.generate_block_hash_extra_keys
+    assert block_pool.generate_block_hash_extra_keys is generate
+    assert generate(request, 16, 32, 0)[0] is None  # prompt block: shared with everyone
+    keys = generate(request, 32, 48, 0)[0]
+    assert keys and keys[-1][0] == "ffnskip"
+    other = SimpleNamespace(**{**vars(request), "sampling_params": SamplingParams(
+        extra_args={RESOLVED_KEY: SkipPolicy(threshold=0.9).to_wire(30)})})
+    assert generate(other, 32, 48, 0)[0] != keys
