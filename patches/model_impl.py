@@ -9,6 +9,7 @@ from typing import Any
 from vllm.engine.arg_utils import EngineArgs
 from vllm.model_executor.models.registry import _ModelRegistry
 
+from vllm_ffnskip.metrics import setup_api_server_metrics
 from vllm_ffnskip.patches._wrap import wrap_method
 from vllm_ffnskip.policy import PolicyError, SkipPolicy, parse_server_config
 
@@ -89,6 +90,7 @@ def _create_engine_config(original, self, *args, **kwargs):
             f"got {parallel_config.worker_extension_cls!r}"
         )
     parallel_config.worker_extension_cls = WORKER_EXTENSION
+    setup_api_server_metrics()
     return vllm_config
 
 

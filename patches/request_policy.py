@@ -33,15 +33,13 @@ def _process_inputs(original, self, request_id, prompt, params, *args, **kwargs)
         return original(self, request_id, prompt, params, *args, **kwargs)
     policy = resolve_request_policy(self, params)
     request = original(self, request_id, prompt, params, *args, **kwargs)
+    # ``request.sampling_params`` is the request-local clone; the caller's params object is
+    # never changed. Dense requests carry no policy: their KV blocks stay shared.
+    sampling_params = request.sampling_params
+    extra_args = {**(sampling_params.extra_args or {}), REQUEST_ID_KEY: request_id}
     if policy.enabled:
-        # ``request.sampling_params`` is the request-local clone; the caller's params
-        # object is never changed.
-        sampling_params = request.sampling_params
-        sampling_params.extra_args = {
-            **(sampling_params.extra_args or {}),
-            RESOLVED_KEY: policy.to_wire(self.model_config.hf_config.num_hidden_layers),
-            REQUEST_ID_KEY: request_id,
-        }
+        extra_args[RESOLVED_KEY] = policy.to_wire(self.model_config.hf_config.num_hidden_layers)
+    sampling_params.extra_args = extra_args
     return request
 
 

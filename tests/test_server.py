@@ -8,6 +8,8 @@ from collections.abc import Iterator
 
 import openai
 import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server import vllm_server
 
@@ -77,3 +79,39 @@ def test_bad_policy_is_400_naming_the_field(client, xargs, field):
     assert err.value.status_code == 400
     assert field in str(err.value.body)
     assert complete(client, {"ffnskip": 0})  # the server goes on serving
+
+
+def scrape(client: openai.OpenAI) -> dict[str, float]:
+    """Our samples on vLLM's /metrics, by sample name with labels."""
+    text = requests.get(str(client.base_url).replace("/v1/", "/metrics"), timeout=10).text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("vllm_ffnskip_"):
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                out[f"{s.name}{{{labels}}}"] = s.value
+    return out
+
+
+def test_metrics_count_what_was_sent(client):
+    """Skipped/evaluated FFN blocks and request counters on /metrics match the traffic."""
+    before = scrape(client)
+    n, max_tokens, layers = 3, 12, 30
+    for _ in range(n):
+        client.completions.create(
+            model="smollm2", prompt="Tell me about the ocean.", max_tokens=max_tokens,
+            temperature=0, extra_body={"vllm_xargs": XARGS_SKIP, "ignore_eos": True},
+        )
+    complete(client, {"ffnskip": 0})
+    after = scrape(client)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    label = "{model_name=smollm2}"
+    evaluated = delta(f"vllm_ffnskip_ffn_blocks_evaluated_total{label}")
+    skipped = delta(f"vllm_ffnskip_ffn_blocks_skipped_total{label}")
+    assert evaluated == n * (max_tokens - 1) * layers  # every decode forward, every layer
+    assert 0 < skipped < evaluated
+    assert delta("vllm_ffnskip_requests_total{model_name=smollm2,skipping=true}") == n
+    assert delta("vllm_ffnskip_requests_total{model_name=smollm2,skipping=false}") == 1

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm_ffnskip.stats import STORE
+
 
 @dataclass
 class RequestSkipState:
@@ -97,6 +99,8 @@ class SkipBatch:
         decode_tokens = np.bincount(state_of[decode], minlength=len(states))
         for state, n in zip(states, decode_tokens):
             state.evaluated += int(n) * stage_layers
+        if decode_tokens.any():
+            STORE.count(0, int(decode_tokens.sum()) * stage_layers)
         eligible = pos[idx] >= prompt_len + warmup
         if not eligible.any():
             return None
@@ -134,3 +138,4 @@ class SkipBatch:
         )
         for state, n in zip(self.states, per_state):
             state.skipped += int(n)
+        STORE.count(int(per_state.sum()), 0)

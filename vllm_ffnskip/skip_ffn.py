@@ -18,7 +18,7 @@ from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_ffnskip.batch import SkipBatch
-from vllm_ffnskip.stats import RECORDER
+from vllm_ffnskip.stats import RECORDER, STORE
 from vllm_ffnskip.tracker import SkipPolicyTracker
 
 if TYPE_CHECKING:
@@ -76,10 +76,13 @@ def ffnskip_mlp(
     layer: FFNSkipDecoderLayer = get_forward_context().no_compile_layers[layer_name]
     batch = _batch_for(layer, positions)
     if batch is None:
-        return layer.mlp(hidden_states)
-    out = _skip_step(layer, batch, hidden_states, residual)
+        out = layer.mlp(hidden_states)
+    else:
+        out = _skip_step(layer, batch, hidden_states, residual)
     if layer.layer_idx == layer.last_layer:
-        batch.finish()
+        if batch is not None:
+            batch.finish()
+        STORE.publish()
     return out
 
 

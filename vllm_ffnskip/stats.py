@@ -1,7 +1,8 @@
 """Skip counters: per request and in aggregate, kept in the worker that makes the decisions.
 
-A request's counters live in its ``RequestSkipState`` while it is in the persistent batch and
-move here when it leaves. Finished records are kept in a bounded buffer (the newest
+Totals are counted every forward pass (and published as Prometheus metrics, see metrics.py);
+a request's own counters live in its ``RequestSkipState`` while it is in the persistent batch
+and move here when it leaves. Finished records are kept in a bounded buffer (the newest
 ``MAX_FINISHED``) until a caller collects them, so a server whose callers never ask does not
 grow. The offline API reaches them through ``LLM.collective_rpc("ffnskip_stats")``.
 """
@@ -15,6 +16,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vllm.logger import init_logger
+
+from vllm_ffnskip.metrics import WorkerSkipMetrics
 
 # Under the "vllm" logger, so vLLM's logging configuration (format, level) applies.
 logger = init_logger(f"vllm.{__name__}")
@@ -50,18 +53,50 @@ class SkipStatsStore:
         self._lock = threading.Lock()
         self._logged = SkipStats()
         self._last_log = time.monotonic()
+        #: Requests seen, newest last (bounded): a preempted request re-enters the batch.
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.metrics: WorkerSkipMetrics | None = None
+        self._dirty = False
 
-    def record(self, request_id: str, skipped: int, evaluated: int) -> None:
-        """A request left the persistent batch (finished, aborted or preempted)."""
+    def publish(self) -> None:
+        """Hand changed metrics to the API server (once per step at most)."""
+        if self._dirty and self.metrics is not None:
+            self._dirty = False
+            self.metrics.flush()
+
+    def count(self, skipped: int, evaluated: int) -> None:
+        """FFN blocks of one forward pass."""
         with self._lock:
             self.total.add(skipped, evaluated)
+        if self.metrics is not None:
+            self.metrics.skipped.inc(skipped)
+            self.metrics.evaluated.inc(evaluated)
+            self._dirty = True
+
+    def admit(self, request_id: str, skipping: bool) -> None:
+        """A request entered the persistent batch."""
+        with self._lock:
+            if request_id in self._seen:
+                return
+            self._seen[request_id] = None
+            if len(self._seen) > MAX_FINISHED:
+                self._seen.popitem(last=False)
+            self.requests_skipping += skipping
+        if self.metrics is not None:
+            self.metrics.requests["true" if skipping else "false"].inc()
+            self._dirty = True
+
+    def record(self, request_id: str, skipped: int, evaluated: int) -> None:
+        """A skipping request left the persistent batch (finished, aborted or preempted)."""
+        with self._lock:
             entry = self._finished.pop(request_id, None) or SkipStats()
-            if entry.evaluated == 0:
-                self.requests_skipping += 1
             entry.add(skipped, evaluated)
             self._finished[request_id] = entry
             while len(self._finished) > MAX_FINISHED:
                 self._finished.popitem(last=False)
+        if self.metrics is not None and evaluated:
+            self.metrics.request_ratio.observe(skipped / evaluated)
+            self._dirty = True
         logger.debug(
             "ffnskip request %s: %d/%d FFN blocks skipped", request_id, skipped, evaluated
         )

@@ -11,10 +11,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+import os
+
 import torch
+from vllm.distributed import get_tensor_model_parallel_rank
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from vllm_ffnskip.batch import RequestSkipState
+from vllm_ffnskip.metrics import DIR_ENV, WorkerSkipMetrics
 from vllm_ffnskip.policy import REQUEST_ID_KEY, RESOLVED_KEY
 from vllm_ffnskip.stats import STORE
 
@@ -31,6 +35,11 @@ class SkipPolicyTracker(LogitsProcessor):
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool):
         self.rows: dict[int, RequestSkipState] = {}
         SkipPolicyTracker.current = self
+        directory = os.environ.get(DIR_ENV)
+        if directory and STORE.metrics is None and get_tensor_model_parallel_rank() == 0:
+            STORE.metrics = WorkerSkipMetrics(
+                directory, vllm_config.model_config.served_model_name
+            )
 
     def is_argmax_invariant(self) -> bool:
         return True
@@ -40,8 +49,11 @@ class SkipPolicyTracker(LogitsProcessor):
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         STORE.maybe_log()
-        if batch_update is None:
-            return
+        if batch_update is not None:
+            self._apply(batch_update)
+        STORE.publish()
+
+    def _apply(self, batch_update: BatchUpdate) -> None:
         # A removed row is listed only while nothing refills it: an added request, or a
         # one-way move that condenses the batch, may replace a row in place, which ends
         # the stay of the request that was there.
@@ -49,9 +61,12 @@ class SkipPolicyTracker(LogitsProcessor):
             self._release(index)
         for index, params, prompt_ids, _output_ids in batch_update.added:
             self._release(index)
-            wire = (params.extra_args or {}).get(RESOLVED_KEY)
-            if wire is not None and prompt_ids is not None:
-                request_id = str(params.extra_args.get(REQUEST_ID_KEY, ""))
+            extra_args = params.extra_args or {}
+            wire = extra_args.get(RESOLVED_KEY)
+            request_id = str(extra_args.get(REQUEST_ID_KEY, ""))
+            skipping = wire is not None and prompt_ids is not None
+            STORE.admit(request_id, skipping)
+            if skipping:
                 self.rows[index] = RequestSkipState.from_wire(request_id, len(prompt_ids), wire)
         for a, b, direction in batch_update.moved:
             if direction == MoveDirectionality.SWAP:
