@@ -116,3 +116,25 @@ def test_prefix_cache_keeps_policies_apart(skip_llm, vanilla_llm):
     # A skipping request with another policy still hits the dense prompt blocks.
     again = skip_llm.generate([question], greedy({"ffnskip": 1, "ffnskip_threshold": 0.97}))[0]
     assert again.num_cached_tokens == (prompt_len // block) * block
+
+
+def test_aborted_requests_free_their_skip_state(skip_llm):
+    """A thousand requests aborted mid-generation leave no skip state behind: each one's
+    state is released (its counters recorded) and nothing stays in the tracker."""
+    engine = skip_llm.llm_engine
+    prompt = {"prompt_token_ids": skip_llm.get_tokenizer().encode(PROMPTS[0])}
+    params = greedy({"ffnskip": 1, "ffnskip_threshold": 0.95, "ffnskip_warmup": 0}, 64)
+    collect_request_stats(skip_llm)
+    for i in range(1000):
+        engine.add_request(f"abort-{i}", prompt, params)
+        engine.step()  # prefill
+        engine.step()  # a decode step that may skip
+        engine.abort_request([f"abort-{i}"])
+    while engine.has_unfinished_requests():
+        engine.step()
+    skip_llm.generate([PROMPTS[1]], greedy({"ffnskip": 0}, 2))  # a step after the aborts
+    stats = collect_request_stats(skip_llm)
+    assert stats["in_batch"] == 0
+    aborted = {k: v for k, v in stats["requests"].items() if k.startswith("abort-")}
+    assert len(aborted) == 1000
+    assert sum(r["evaluated"] for r in aborted.values()) > 0  # they were decoding

@@ -135,12 +135,27 @@ STORE = SkipStatsStore()
 
 
 def collect_request_stats(llm: Any) -> dict[str, Any]:
-    """Per-request and total skip counts from the first worker of an offline ``vllm.LLM``.
+    """Per-request and total skip counts of an offline ``vllm.LLM``.
 
     Returns ``{"requests": {request_id: {"skipped", "evaluated"}}, "total": {...},
-    "requests_skipping": n}``; per-request records are handed over once.
+    "requests_skipping": n, "in_batch": n}``; per-request records are handed over once.
+    Tensor-parallel ranks count the same blocks, so one rank per pipeline stage is read and
+    the stages (each counting its own layers) are summed.
     """
-    return llm.collective_rpc("ffnskip_stats")[0]
+    ranks = llm.collective_rpc("ffnskip_stats")
+    tp = llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+    stages = ranks[::tp]
+    out = dict(stages[0])
+    out["requests"] = {}
+    out["total"] = {"skipped": 0, "evaluated": 0}
+    for stage in stages:
+        for key in ("skipped", "evaluated"):
+            out["total"][key] += stage["total"][key]
+        for request_id, counts in stage["requests"].items():
+            entry = out["requests"].setdefault(request_id, {"skipped": 0, "evaluated": 0})
+            for key in ("skipped", "evaluated"):
+                entry[key] += counts[key]
+    return out
 
 
 class SaturationRecorder:

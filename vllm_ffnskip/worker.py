@@ -18,10 +18,15 @@ class FFNSkipWorkerExtension:
         this worker's totals."""
         tracker = SkipPolicyTracker.current
         live = tracker.snapshot() if tracker is not None else {}
+        requests = STORE.pop_finished()
+        for request_id, counts in live.items():  # a preempted request may be in both
+            earlier = requests.get(request_id, {"skipped": 0, "evaluated": 0})
+            requests[request_id] = {k: earlier[k] + counts[k] for k in counts}
         return {
-            "requests": {**STORE.pop_finished(), **live},
+            "requests": requests,
             "total": asdict(STORE.total),
             "requests_skipping": STORE.requests_skipping,
+            "in_batch": len(live),
         }
 
     def ffnskip_saturation(self) -> dict[int, list[float]]:
