@@ -10,10 +10,15 @@ import torch
 from vllm.config import VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.distributed.utils import get_pp_indices
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
+from vllm.sequence import IntermediateTensors
 
-import vllm_ffnskip.skip_ffn  # noqa: F401  registers torch.ops.vllm.ffnskip_mlp
+from vllm_ffnskip.skip_ffn import BATCH_KEY, INCOMING_BUDGET_KEY
+
+#: IntermediateTensors key of the per-token skip budgets sent to the next pipeline stage.
+BUDGET_KEY = "ffnskip_budget"
 
 
 class FFNSkipDecoderLayer(LlamaDecoderLayer):
@@ -54,7 +59,45 @@ class FFNSkipDecoderLayer(LlamaDecoderLayer):
 
 
 class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
-    """``LlamaForCausalLM`` built from ``FFNSkipDecoderLayer``s."""
+    """``LlamaForCausalLM`` built from ``FFNSkipDecoderLayer``s.
+
+    Under pipeline parallelism a token's skip run may cross a stage boundary: each stage
+    sends its tokens' remaining skip budgets to the next one in ``IntermediateTensors``
+    (``BUDGET_KEY``), beside the hidden states. This happens here, outside the compiled
+    ``LlamaModel``, so its traced graph stays vLLM's own.
+    """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=FFNSkipDecoderLayer)
+        make_model_tensors = self.make_empty_intermediate_tensors
+
+        def make_empty_intermediate_tensors(
+            batch_size: int, dtype: torch.dtype, device: torch.device
+        ) -> IntermediateTensors:
+            tensors = make_model_tensors(batch_size, dtype, device)
+            tensors[BUDGET_KEY] = torch.zeros(batch_size, dtype=torch.int32, device=device)
+            return tensors
+
+        self.make_empty_intermediate_tensors = make_empty_intermediate_tensors
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        context = get_forward_context()
+        if intermediate_tensors is not None:
+            tensors = dict(intermediate_tensors.tensors)
+            context.additional_kwargs[INCOMING_BUDGET_KEY] = tensors.pop(BUDGET_KEY, None)
+            intermediate_tensors = IntermediateTensors(tensors)
+        output = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if isinstance(output, IntermediateTensors):
+            batch = context.additional_kwargs.get(BATCH_KEY)
+            output[BUDGET_KEY] = (
+                batch.budget
+                if batch is not None
+                else torch.zeros(positions.shape[0], dtype=torch.int32, device=positions.device)
+            )
+        return output

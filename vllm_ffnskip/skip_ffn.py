@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 #: Key of the pass's SkipBatch in ``ForwardContext.additional_kwargs``.
 BATCH_KEY = "ffnskip_batch"
+#: Key of the skip budgets received from the previous pipeline stage (see model.py).
+INCOMING_BUDGET_KEY = "ffnskip_incoming_budget"
 
 
 def _query_start_loc(attn_metadata: object) -> torch.Tensor | None:
@@ -50,6 +52,9 @@ def _batch_for(layer: FFNSkipDecoderLayer, positions: torch.Tensor) -> SkipBatch
                 stage_layers=layer.last_layer - layer.first_layer + 1,
                 device=positions.device,
             )
+            incoming = ctx.additional_kwargs.get(INCOMING_BUDGET_KEY)
+            if batch is not None and incoming is not None:
+                batch.budget.copy_(incoming[: batch.budget.shape[0]])
         ctx.additional_kwargs[BATCH_KEY] = batch
         return batch
     return ctx.additional_kwargs.get(BATCH_KEY)
