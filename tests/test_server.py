@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import openai
+import psutil
 import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -115,3 +117,86 @@ def test_metrics_count_what_was_sent(client):
     assert 0 < skipped < evaluated
     assert delta("vllm_ffnskip_requests_total{model_name=smollm2,skipping=true}") == n
     assert delta("vllm_ffnskip_requests_total{model_name=smollm2,skipping=false}") == 1
+
+
+def server_rss_mib(url: str) -> float:
+    """Resident memory of the server process tree listening on ``url``'s port."""
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.laddr and conn.laddr.port == port and conn.status == psutil.CONN_LISTEN:
+            root = psutil.Process(conn.pid)
+            procs = [root, *root.children(recursive=True)]
+            return sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20
+    raise RuntimeError(f"no process listens on {port}")
+
+
+async def load_round(base_url: str, n: int = 64) -> dict[int, str]:
+    """n concurrent requests: skip/dense x streaming/not x lengths; every 8th stream is
+    cancelled after its first chunks. Returns outputs of the dense requests that completed."""
+    client = openai.AsyncOpenAI(base_url=base_url, api_key="none", max_retries=0)
+
+    async def one(i: int) -> tuple[int, str | None]:
+        dense = i % 2 == 0
+        xargs = {"ffnskip": 0} if dense else {"ffnskip": 1, "ffnskip_threshold": 0.94 + (i % 5) / 100}
+        kwargs = dict(
+            model="smollm2", prompt=LOAD_PROMPTS[i % len(LOAD_PROMPTS)], max_tokens=8 + (i % 4) * 4,
+            temperature=0, extra_body={"vllm_xargs": xargs, "ignore_eos": True},
+        )
+        if i % 4 in (1, 2):  # streaming
+            stream = await client.completions.create(stream=True, **kwargs)
+            text = []
+            async for chunk in stream:
+                text.append(chunk.choices[0].text)
+                if i % 8 == 7 and len(text) == 2:
+                    await stream.close()  # the client goes away mid-generation
+                    return i, None
+            return i, "".join(text) if dense else None
+        response = await client.completions.create(**kwargs)
+        return i, response.choices[0].text if dense else None
+
+    async with client:
+        results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(n))), 600)
+    return {i: text for i, text in results if text is not None}
+
+
+LOAD_PROMPTS = [
+    "The capital of France is", "List three fruits:", "Write a haiku about rain.",
+    "Explain gravity in one sentence.", "The opposite of hot is",
+]
+
+
+def test_load_mixed_concurrent_requests(client):
+    """64 concurrent mixed requests, twice: no errors, dense outputs equal a quiet run,
+    memory stable across rounds, counters consistent with what was sent."""
+    url = str(client.base_url).rstrip("/").removesuffix("/v1")
+    def shape(i: int) -> tuple[int, int]:
+        return i % len(LOAD_PROMPTS), i % 4  # (prompt, length) of request i
+
+    quiet = {}  # every dense (prompt, length) of a round, served alone
+    for i in range(0, 4 * len(LOAD_PROMPTS), 2):
+        quiet[shape(i)] = client.completions.create(
+            model="smollm2", prompt=LOAD_PROMPTS[i % len(LOAD_PROMPTS)], max_tokens=8 + (i % 4) * 4,
+            temperature=0, extra_body={"vllm_xargs": {"ffnskip": 0}, "ignore_eos": True},
+        ).choices[0].text
+    before = scrape(client)
+    rss = []
+    for _ in range(2):
+        dense = asyncio.run(load_round(str(client.base_url)))
+        assert len(dense) == 32  # every dense request completed (none is cancelled)
+        for i, text in dense.items():
+            assert text == quiet[shape(i)], f"dense request {i} changed under load"
+        rss.append(server_rss_mib(url))
+    assert requests.get(f"{url}/health", timeout=10).status_code == 200
+    assert rss[1] < rss[0] * 1.1 + 64, f"server memory grew: {rss}"
+    after = scrape(client)
+    label = "model_name=smollm2"
+    sent_skip = sent_dense = 2 * 32
+    assert after[f"vllm_ffnskip_requests_total{{{label},skipping=true}}"] - before.get(
+        f"vllm_ffnskip_requests_total{{{label},skipping=true}}", 0) == sent_skip
+    assert after[f"vllm_ffnskip_requests_total{{{label},skipping=false}}"] - before.get(
+        f"vllm_ffnskip_requests_total{{{label},skipping=false}}", 0) == sent_dense
+    skipped = after[f"vllm_ffnskip_ffn_blocks_skipped_total{{{label}}}"] - before[
+        f"vllm_ffnskip_ffn_blocks_skipped_total{{{label}}}"]
+    evaluated = after[f"vllm_ffnskip_ffn_blocks_evaluated_total{{{label}}}"] - before[
+        f"vllm_ffnskip_ffn_blocks_evaluated_total{{{label}}}"]
+    assert 0 < skipped < evaluated
