@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from vllm.forward_context import get_forward_context
@@ -50,11 +51,10 @@ def _batch_for(layer: FFNSkipDecoderLayer, positions: torch.Tensor) -> SkipBatch
                 positions,
                 num_layers=layer.num_layers,
                 stage_layers=layer.last_layer - layer.first_layer + 1,
-                device=positions.device,
             )
             incoming = ctx.additional_kwargs.get(INCOMING_BUDGET_KEY)
             if batch is not None and incoming is not None:
-                batch.budget.copy_(incoming[: batch.budget.shape[0]])
+                batch.budget[:] = incoming[: batch.budget.shape[0]].cpu().numpy()
         ctx.additional_kwargs[BATCH_KEY] = batch
         return batch
     return ctx.additional_kwargs.get(BATCH_KEY)
@@ -99,29 +99,32 @@ def _skip_step(
 ) -> torch.Tensor:
     l = layer.layer_idx
     if not batch.layer_hot_any[l]:
-        batch.budget.zero_()  # a cold layer ends every token's skip run
+        batch.budget[:] = 0  # a cold layer ends every token's skip run
         return layer.mlp(hidden_states)
     hot = batch.hot[:, l]
     skip = hot & (batch.budget > 0)
     # Budgets: a skipped layer spends one; a cold layer clears it; a computed hot layer
     # sets it below from its score.
-    batch.budget.sub_(skip.to(batch.budget.dtype)).mul_(hot.to(batch.budget.dtype))
-    batch.skipped.add_(skip.to(batch.skipped.dtype))
-    run = ~skip
-    if bool(skip.any()):
-        rows = run.nonzero().squeeze(1)
+    batch.budget -= skip
+    batch.budget[~hot] = 0
+    batch.skipped += skip
+    device = hidden_states.device
+    if skip.any():
         out = torch.zeros_like(hidden_states)
-        if rows.numel():
-            out[rows] = layer.mlp(hidden_states[rows])
+        rows = np.flatnonzero(~skip)
+        if rows.size:
+            index = torch.from_numpy(rows).to(device)
+            out[index] = layer.mlp(hidden_states[index])
     else:
         out = layer.mlp(hidden_states)
-    test = (hot & run).nonzero().squeeze(1)
-    if test.numel():
-        score = saturation(residual[test], out[test])
+    test = np.flatnonzero(hot & ~skip)
+    if test.size:
+        index = torch.from_numpy(test).to(device)
+        score = saturation(residual[index], out[index])
         if RECORDER.enabled:
             RECORDER.add(l, score.tolist())
-        fire = score >= batch.thresholds[test, l]
-        batch.budget[test] = torch.where(fire, batch.span[test], 0)
+        fire = score.cpu().numpy() >= batch.thresholds[test, l]
+        batch.budget[test] = np.where(fire, batch.span[test], 0)
     return out
 
 
