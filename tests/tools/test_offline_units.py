@@ -1,0 +1,117 @@
+"""Engine-free checks of the tools: datasets, answer scoring, the skip-rule replay, calibration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vllm_ffnskip.tools import calibrate, datasets
+from vllm_ffnskip.tools.bench import ffn_share
+
+
+def test_factoid_splits_are_large_disjoint_and_answerable():
+    calib, test = datasets.factoid("calib"), datasets.factoid("test")
+    assert len(calib) + len(test) >= 150
+    assert not {r["question"] for r in calib} & {r["question"] for r in test}
+    for row in calib + test:
+        assert row["answers"] and all(datasets.normalize(a) for a in row["answers"]), (
+            row
+        )
+
+
+def test_summarization_set():
+    rows = datasets.summarization()
+    assert len(rows) >= 20
+    assert all(len(r["reference"]) < len(r["passage"]) for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("output", "aliases", "correct"),
+    [
+        ("The capital of France is Paris.", ["Paris"], True),
+        ("It is the Pacific Ocean.", ["Pacific", "Pacific Ocean"], True),
+        ("Parisian food", ["Paris"], False),  # whole words only
+        ("Twenty-four hours.", ["24", "twenty-four"], True),
+        ("I don't know.", ["Paris"], False),
+    ],
+)
+def test_answer_correct(output, aliases, correct):
+    assert datasets.answer_correct(output, aliases) is correct
+
+
+def test_simulate_follows_the_greedy_rule():
+    """One token, 6 layers, cold 1/1. Span 1: a trigger at layer 1 skips 2, layer 3 tests
+    again and triggers, layer 4 is skipped. Span 3: layer 1 skips 2-4. Layer 5 is cold."""
+    scores = np.array([[0.1, 0.99, 0.5, 0.99, 0.99, 0.99]])
+    thresholds = np.full(6, 0.98)
+    assert calibrate.simulate(scores, thresholds, 1, 1, 1) == pytest.approx(2 / 6)
+    assert calibrate.simulate(scores, thresholds, 1, 1, 3) == pytest.approx(3 / 6)
+    assert calibrate.simulate(scores, np.full(6, 1.0), 1, 1, 1) == 0.0
+
+
+def synthetic_profile(seed: int = 0) -> dict:
+    """Layer 0 and the last layer unsaturated; hot layers with differing score levels."""
+    rng = np.random.default_rng(seed)
+    layers, tokens = 12, 400
+    level = np.r_[0.1, np.linspace(0.94, 0.99, layers - 2), 0.7]
+    scores = np.clip(level + rng.normal(0, 0.01, (tokens, layers)), 0, 1)
+    return {
+        "num_layers": layers,
+        "scores": scores.tolist(),
+        "layers": {"mean": scores.mean(0).tolist()},
+        "mean_decode_tokens": 20.0,
+        "model": "synthetic",
+    }
+
+
+@pytest.mark.parametrize("method", calibrate.METHODS)
+@pytest.mark.parametrize("target", [0.05, 0.15, 0.25])
+def test_calibrate_reaches_target(method, target):
+    profile = synthetic_profile()
+    policy = calibrate.calibrate(profile, target, method=method, min_cold=1)
+    assert (policy["cold_start"], policy["cold_end"]) == (1, 1)
+    thresholds = calibrate.policy_thresholds(policy, profile["num_layers"])
+    rho = calibrate.simulate(
+        np.asarray(profile["scores"]), thresholds, 1, 1, policy["span"]
+    )
+    assert target <= rho <= target + 0.02  # ρ moves in steps: whole token groups switch
+    assert policy["calibration"]["predicted_rho"] == pytest.approx(rho, abs=1e-4)
+
+
+def test_quantile_spreads_skips_over_layers():
+    """Per-layer quantiles make every hot layer trigger; one global threshold leaves the
+    low-score layers untouched."""
+    profile = synthetic_profile()
+    scores = np.asarray(profile["scores"])
+    for method, expect_all in (("quantile", True), ("global", False)):
+        t = calibrate.policy_thresholds(
+            calibrate.calibrate(profile, 0.15, method=method, min_cold=1), 12
+        )
+        fires = (scores[:, 1:11] >= t[1:11]).mean(0)
+        assert (fires > 0.05).all() == expect_all, method
+
+
+def test_damage_spares_layers_that_do_work():
+    """A layer whose successor's FFN turns the stream a lot never triggers, however
+    saturated the layer itself is; the budget goes to triggers into redundant layers."""
+    profile = synthetic_profile()
+    scores = np.asarray(profile["scores"])
+    scores[:, 6] = 0.999  # layer 6 itself looks redundant ...
+    scores[:, 7] = 0.90  # ... but skipping layer 7 would lose a large FFN update
+    profile["scores"] = scores.tolist()
+    t = calibrate.policy_thresholds(
+        calibrate.calibrate(profile, 0.15, method="damage", min_cold=1), 12
+    )
+    assert t[6] == 1.0 and (scores[:, 6] < t[6]).all()
+    assert calibrate.simulate(scores, t, 1, 1, 1) >= 0.15
+
+
+def test_ffn_share_of_smollm2():
+    """SmolLM2-135M: 30 layers, H 576, I 1536, 3 KV heads of 64, vocab 49152 -> φ ≈ 0.59."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, head_dim=64,
+    )  # fmt: skip
+    assert ffn_share(config) == pytest.approx(0.594, abs=0.005)

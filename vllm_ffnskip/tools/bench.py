@@ -1,0 +1,203 @@
+"""``vllm-ffnskip bench``: decode throughput and latency, skip vs dense, in one engine.
+
+Skip and dense requests run on the same compiled ffnskip engine, alternating which goes
+first in each repetition, so machine noise hits both alike. Decode time is the wall time
+of ``output_tokens`` tokens minus that of the first token alone (prefill + first sample),
+so ``tpot = (T_N - T_1) / (N - 1)`` and decode tokens/s = ``B (N - 1) / (T_N - T_1)``.
+Every request has a fixed output length (``ignore_eos``). Next to the measured speed-up
+stands the ideal ``1 / (1 - ρ φ)`` for the measured ρ, with φ the FFN share of per-token
+weights (DESIGN §3). The dense-path overhead compares the plugin with skipping off against
+vanilla ``--model-impl vllm``, one engine at a time, alternating, several repetitions.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from vllm_ffnskip.stats import collect_request_stats
+from vllm_ffnskip.tools import datasets, engine
+
+TOPICS = [
+    "the history of the bicycle", "how volcanoes form", "the life of honey bees",
+    "the invention of printing", "why the sky is blue", "the water cycle",
+    "the history of chess", "how airplanes fly", "the Roman Empire", "coral reefs",
+    "the moon landing", "how computers store data", "the Amazon rainforest",
+    "the history of tea", "electric cars", "the Olympic Games",
+]  # fmt: skip
+
+
+def ffn_share(hf_config: Any) -> float:
+    """φ: FFN weights / all weights read per decode token (attention, FFN, LM head)."""
+    h, i, layers = (
+        hf_config.hidden_size,
+        hf_config.intermediate_size,
+        hf_config.num_hidden_layers,
+    )
+    head_dim = (
+        getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
+    )
+    h_kv = hf_config.num_key_value_heads * head_dim
+    ffn = 3 * h * i
+    attn = 2 * h * h + 2 * h * h_kv
+    return layers * ffn / (layers * (ffn + attn) + h * hf_config.vocab_size)
+
+
+def prompts_for(tokenizer: Any, batch: int) -> list[str]:
+    """Requests for a long answer, so greedy text stays natural for the whole output."""
+    return [
+        datasets.chat_prompt(
+            tokenizer, f"Write a detailed essay about {TOPICS[k % len(TOPICS)]}."
+        )
+        for k in range(batch)
+    ]
+
+
+def timed(
+    llm: Any, prompts: list[str], xargs: dict[str, Any], tokens: int
+) -> tuple[float, dict]:
+    """Wall seconds of one batch and its skip counts."""
+    start = time.perf_counter()
+    outputs = llm.generate(
+        prompts, engine.greedy(xargs, tokens, ignore_eos=True), use_tqdm=False
+    )
+    seconds = time.perf_counter() - start
+    stats = collect_request_stats(llm)["requests"] if "ffnskip" in xargs else {}
+    counts = [stats.get(o.request_id, {"skipped": 0, "evaluated": 0}) for o in outputs]
+    return seconds, {
+        "skipped": sum(c["skipped"] for c in counts),
+        "evaluated": sum(c["evaluated"] for c in counts),
+    }
+
+
+def decode_rate(t_n: float, t_1: float, batch: int, tokens: int) -> dict[str, float]:
+    decode = max(t_n - t_1, 1e-9)
+    return {
+        "tok_s": batch * (tokens - 1) / decode,
+        "tpot_ms": 1000 * decode / (tokens - 1),
+    }
+
+
+def skip_vs_dense(llm: Any, args: Any, phi: float) -> list[dict[str, Any]]:
+    """Per batch size: median decode speed of skip and dense requests, ρ, ideal speed-up."""
+    tokenizer = llm.get_tokenizer()
+    policies = {"skip": {"ffnskip": 1}, "dense": dict(engine.DENSE)}
+    rows = []
+    steps = [(b, r) for b in args.batch_sizes for r in range(args.repeats)]
+    samples: dict[tuple[int, str], list[dict]] = {}
+    for batch, rep in tqdm(steps, desc="skip vs dense", unit="run"):
+        prompts = prompts_for(tokenizer, batch)
+        order = ["skip", "dense"] if rep % 2 == 0 else ["dense", "skip"]
+        for name in order:
+            t_1, _ = timed(llm, prompts, policies[name], 1)
+            t_n, counts = timed(llm, prompts, policies[name], args.output_tokens)
+            samples.setdefault((batch, name), []).append(
+                {**decode_rate(t_n, t_1, batch, args.output_tokens), **counts}
+            )
+    for batch in args.batch_sizes:
+        skip, dense = samples[(batch, "skip")], samples[(batch, "dense")]
+        rho = sum(s["skipped"] for s in skip) / max(
+            sum(s["evaluated"] for s in skip), 1
+        )
+        skip_rate = statistics.median(s["tok_s"] for s in skip)
+        dense_rate = statistics.median(s["tok_s"] for s in dense)
+        rows.append({
+            "batch": batch,
+            "dense_tok_s": dense_rate,
+            "skip_tok_s": skip_rate,
+            "dense_tpot_ms": statistics.median(s["tpot_ms"] for s in dense),
+            "skip_tpot_ms": statistics.median(s["tpot_ms"] for s in skip),
+            "rho": rho,
+            "speedup": skip_rate / dense_rate,
+            "ideal": 1 / (1 - rho * phi),
+            "samples": {"skip": skip, "dense": dense},
+        })  # fmt: skip
+    return rows
+
+
+def overhead(model: str, args: Any) -> dict[str, Any]:
+    """Dense decode at batch 1: plugin with skipping off vs vanilla vLLM (separate engines)."""
+    rates: dict[str, list[float]] = {"ffnskip-off": [], "vanilla": []}
+    runs = [
+        (rep, impl)
+        for rep in range(args.overhead_repeats)
+        for impl in (("ffnskip", "vllm") if rep % 2 == 0 else ("vllm", "ffnskip"))
+    ]
+    for rep, impl in tqdm(runs, desc="dense-path overhead", unit="engine"):
+        llm = engine.make_llm(model, impl=impl, eager=args.eager, max_num_seqs=32)
+        try:
+            prompts = prompts_for(llm.get_tokenizer(), 1)
+            xargs = dict(engine.DENSE) if impl == "ffnskip" else {}
+            timed(llm, prompts, xargs, 8)  # warm caches after start
+            for _ in range(args.repeats):
+                t_1, _ = timed(llm, prompts, xargs, 1)
+                t_n, _ = timed(llm, prompts, xargs, args.output_tokens)
+                rate = decode_rate(t_n, t_1, 1, args.output_tokens)["tok_s"]
+                rates["ffnskip-off" if impl == "ffnskip" else "vanilla"].append(rate)
+        finally:
+            engine.close_llm(llm)
+    plugin, vanilla = (
+        statistics.median(rates["ffnskip-off"]),
+        statistics.median(rates["vanilla"]),
+    )
+    return {
+        "plugin_off_tok_s": plugin,
+        "vanilla_tok_s": vanilla,
+        "overhead": 1 - plugin / vanilla,
+        "samples": rates,
+    }
+
+
+def main(args: Any) -> None:
+    model = engine.resolve_model(args.model)
+    server: dict[str, Any] = {"enabled": False}
+    if args.policy:
+        server["policy_file"] = str(Path(args.policy).resolve())
+    llm = engine.make_llm(
+        model, server=server, eager=args.eager, max_num_seqs=max(args.batch_sizes)
+    )
+    try:
+        phi = ffn_share(llm.llm_engine.model_config.hf_config)
+        timed(llm, prompts_for(llm.get_tokenizer(), 2), {"ffnskip": 1}, 8)  # warm-up
+        rows = skip_vs_dense(llm, args, phi)
+    finally:
+        engine.close_llm(llm)
+    report: dict[str, Any] = {
+        "model": Path(model).name,
+        "policy": args.policy or "shipped default",
+        "output_tokens": args.output_tokens,
+        "mode": "eager" if args.eager else "compiled",
+        "phi": phi,
+        "rows": rows,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(report, indent=1)
+    )  # kept if the slow overhead part is cut short
+    if args.overhead_repeats:
+        report["overhead"] = overhead(model, args)
+        out.write_text(json.dumps(report, indent=1))
+    print(f"phi (FFN share of per-token weights) = {phi:.3f}")
+    print(
+        "| batch | dense tok/s | skip tok/s | dense TPOT ms | skip TPOT ms | ρ | speed-up | ideal 1/(1-ρφ) |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['batch']} | {r['dense_tok_s']:.1f} | {r['skip_tok_s']:.1f} | "
+            f"{r['dense_tpot_ms']:.1f} | {r['skip_tpot_ms']:.1f} | {r['rho']:.3f} | "
+            f"{r['speedup']:.3f} | {r['ideal']:.3f} |"
+        )
+    if "overhead" in report:
+        o = report["overhead"]
+        print(
+            f"dense-path overhead (batch 1): plugin off {o['plugin_off_tok_s']:.1f} tok/s, "
+            f"vanilla {o['vanilla_tok_s']:.1f} tok/s, overhead {100 * o['overhead']:.1f}%"
+        )
+    print(f"wrote {out}")
