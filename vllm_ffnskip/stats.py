@@ -134,6 +134,14 @@ class SkipStatsStore:
 STORE = SkipStatsStore()
 
 
+def add_counts(into: dict[str, dict[str, int]], more: dict[str, dict[str, int]]) -> None:
+    """Sum per-request ``{"skipped", "evaluated"}`` records of ``more`` into ``into``."""
+    for request_id, counts in more.items():
+        entry = into.setdefault(request_id, {"skipped": 0, "evaluated": 0})
+        for key in ("skipped", "evaluated"):
+            entry[key] += counts[key]
+
+
 def collect_request_stats(llm: Any) -> dict[str, Any]:
     """Per-request and total skip counts of an offline ``vllm.LLM``.
 
@@ -151,10 +159,7 @@ def collect_request_stats(llm: Any) -> dict[str, Any]:
     for stage in stages:
         for key in ("skipped", "evaluated"):
             out["total"][key] += stage["total"][key]
-        for request_id, counts in stage["requests"].items():
-            entry = out["requests"].setdefault(request_id, {"skipped": 0, "evaluated": 0})
-            for key in ("skipped", "evaluated"):
-                entry[key] += counts[key]
+        add_counts(out["requests"], stage["requests"])
     return out
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from vllm_ffnskip.stats import RECORDER, STORE
+from vllm_ffnskip.stats import RECORDER, STORE, add_counts
 from vllm_ffnskip.tracker import SkipPolicyTracker
 
 
@@ -19,9 +19,7 @@ class FFNSkipWorkerExtension:
         tracker = SkipPolicyTracker.current
         live = tracker.snapshot() if tracker is not None else {}
         requests = STORE.pop_finished()
-        for request_id, counts in live.items():  # a preempted request may be in both
-            earlier = requests.get(request_id, {"skipped": 0, "evaluated": 0})
-            requests[request_id] = {k: earlier[k] + counts[k] for k in counts}
+        add_counts(requests, live)  # a preempted request may be in both
         return {
             "requests": requests,
             "total": asdict(STORE.total),
