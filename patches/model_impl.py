@@ -6,14 +6,22 @@ import functools
 import json
 from typing import Any
 
+from vllm.config import CompilationConfig, CUDAGraphMode
 from vllm.engine.arg_utils import EngineArgs
+from vllm.logger import init_logger
 from vllm.model_executor.models.registry import _ModelRegistry
+from vllm.platforms import current_platform
+from vllm.usage.usage_lib import UsageContext
 
 from vllm_ffnskip.metrics import setup_api_server_metrics
 from vllm_ffnskip.patches._wrap import wrap_method
 from vllm_ffnskip.policy import PolicyError, SkipPolicy, parse_server_config
 
+logger = init_logger(f"vllm.{__name__}")
+
 MODEL_IMPL = "ffnskip"
+#: The skip-aware FFN op (vllm_ffnskip/skip_ffn.py), by its torch.ops name.
+SKIP_OP = "vllm::ffnskip_mlp"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 TRACKER = "vllm_ffnskip.tracker:SkipPolicyTracker"
 WORKER_EXTENSION = "vllm_ffnskip.worker.FFNSkipWorkerExtension"
@@ -65,8 +73,8 @@ def _resolve_model_cls(original, self, architectures, model_config):
     return FFNSkipLlamaForCausalLM, _check_architecture(list(architectures))
 
 
-def _create_engine_config(original, self, *args, **kwargs):
-    vllm_config = original(self, *args, **kwargs)
+def _create_engine_config(original, self, usage_context=None, *args, **kwargs):
+    vllm_config = original(self, usage_context, *args, **kwargs)
     model_config = vllm_config.model_config
     if not is_ffnskip(model_config):
         return vllm_config
@@ -90,8 +98,36 @@ def _create_engine_config(original, self, *args, **kwargs):
             f"got {parallel_config.worker_extension_cls!r}"
         )
     parallel_config.worker_extension_cls = WORKER_EXTENSION
+    if current_platform.is_cuda_alike():
+        graph_safe_cuda(vllm_config.compilation_config)
     setup_api_server_metrics()
+    from vllm_ffnskip.patches import request_stats
+
+    if usage_context == UsageContext.OPENAI_API_SERVER:
+        request_stats.apply()
+    elif usage_context == UsageContext.LLM_CLASS:
+        request_stats.apply_offline()
     return vllm_config
+
+
+def graph_safe_cuda(config: CompilationConfig) -> None:
+    """CUDA graphs: piecewise only, with the skip-aware FFN op as a splitting op.
+
+    The op decides per pass on the host which tokens skip, and the model chooses per pass
+    between its dense and skip graphs: a replay runs no Python, so a captured FULL graph or
+    a captured op would repeat the capture's (dense) decisions forever. As a splitting op it
+    runs eagerly between captured pieces, as attention does; dense passes keep vLLM's
+    piecewise graphs.
+    """
+    if config.cudagraph_mode.has_full_cudagraphs():
+        logger.warning(
+            "--model-impl %s: cudagraph_mode %s -> PIECEWISE (skip decisions are made per "
+            "pass on the host; a full CUDA graph would replay the captured ones)",
+            MODEL_IMPL, config.cudagraph_mode.name,
+        )
+        config.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    if config.splitting_ops is not None and SKIP_OP not in config.splitting_ops:
+        config.splitting_ops.append(SKIP_OP)
 
 
 def apply() -> None:

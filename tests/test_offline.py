@@ -13,6 +13,7 @@ from vllm import SamplingParams
 
 from tests.conftest import PROMPTS, close_llm, make_llm
 from tests.reference import SkipReference
+from vllm_ffnskip.device_skip import FORCE_ENV
 from vllm_ffnskip.policy import SkipPolicy
 from vllm_ffnskip.stats import collect_request_stats
 
@@ -47,20 +48,26 @@ def test_dense_requests_match_vanilla(skip_llm, vanilla_ids):
     """Server default off, and a per-request opt-out: both token-identical to vanilla."""
     assert len(PROMPTS) >= 8
     assert token_ids(skip_llm.generate(PROMPTS, greedy())) == vanilla_ids
-    assert token_ids(skip_llm.generate(PROMPTS, greedy({"ffnskip": 0}))) == vanilla_ids
+    outputs = skip_llm.generate(PROMPTS, greedy({"ffnskip": 0}))
+    assert token_ids(outputs) == vanilla_ids
+    assert all(o.ffnskip is None for o in outputs)
     stats = collect_request_stats(skip_llm)
     assert all(s["skipped"] == 0 for s in stats["requests"].values())
 
 
 def test_skipping_matches_single_sequence_reference(skip_llm, embedded_model):
     """The batched implementation reproduces the plain-transformers reference of the rule."""
+    assert_matches_reference(skip_llm, embedded_model)
+
+
+def assert_matches_reference(llm, embedded_model: str) -> None:
     policy = SkipPolicy(threshold=0.96, warmup=2, cold_start=2, cold_end=2, span=1)
     xargs = {"ffnskip": 1, "ffnskip_threshold": 0.96}
     prompts = PROMPTS[:4]
-    outputs = skip_llm.generate(prompts, greedy(xargs))
-    stats = collect_request_stats(skip_llm)["requests"]
+    outputs = llm.generate(prompts, greedy(xargs))
+    stats = collect_request_stats(llm)["requests"]
     reference = SkipReference(embedded_model)
-    tokenizer = skip_llm.get_tokenizer()
+    tokenizer = llm.get_tokenizer()
     total_skipped = 0
     for prompt, out in zip(prompts, outputs):
         expected = reference.generate(tokenizer.encode(prompt), MAX_TOKENS, policy)
@@ -69,8 +76,41 @@ def test_skipping_matches_single_sequence_reference(skip_llm, embedded_model):
             "skipped": expected.skipped,
             "evaluated": expected.evaluated,
         }, prompt
+        assert (out.ffnskip["ffn_blocks_skipped"], out.ffnskip["ffn_blocks_evaluated"]) == (
+            expected.skipped, expected.evaluated), prompt
         total_skipped += expected.skipped
     assert total_skipped > 0  # the comparison exercised skipping
+
+
+@pytest.fixture(scope="module")
+def device_state_llm(embedded_model: str) -> Iterator[object]:
+    """An engine running the accelerator path (device-resident state, masked FFN) on the CPU."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(FORCE_ENV, "1")  # read by the engine's worker, spawned now
+        llm = make_llm(embedded_model, model_impl="ffnskip", additional_config={
+            "ffnskip": {"enabled": False, "warmup": 2, "cold_start": 2, "cold_end": 2}})
+    yield llm
+    close_llm(llm)
+
+
+def test_device_state_path_matches_reference(device_state_llm, embedded_model):
+    """The sync-free path used on GPUs follows the same rule, token for token and count for
+    count."""
+    assert_matches_reference(device_state_llm, embedded_model)
+
+
+def test_device_state_path_equals_host_path_in_mixed_batches(device_state_llm, skip_llm):
+    params = [greedy({"ffnskip": 0} if i % 3 == 0 else {
+        "ffnskip": 1, "ffnskip_threshold": 0.95 + i / 200, "ffnskip_span": 1 + i % 2})
+        for i in range(8)]
+    results = []
+    for llm in (skip_llm, device_state_llm):
+        outputs = llm.generate(PROMPTS[:8], params)
+        stats = collect_request_stats(llm)["requests"]
+        counts = [stats.get(o.request_id, {}).get("skipped", 0) for o in outputs]
+        results.append((token_ids(outputs), counts))
+    assert results[0] == results[1]
+    assert sum(results[0][1]) > 0
 
 
 def test_mixed_batch(skip_llm, vanilla_ids):

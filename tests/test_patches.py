@@ -6,6 +6,7 @@ import json
 import subprocess
 
 import pytest
+import torch
 
 from vllm_ffnskip import patches
 
@@ -115,3 +116,38 @@ def test_prefix_cache_key_only_past_the_prompt():
     other = SimpleNamespace(**{**vars(request), "sampling_params": SamplingParams(
         extra_args={RESOLVED_KEY: SkipPolicy(threshold=0.9).to_wire(30)})})
     assert generate(other, 32, 48, 0)[0] != keys
+
+
+def test_response_stats_match_only_their_own_requests():
+    """Counts stashed per engine request are summed per response id: ``id``, ``id-i``
+    (completion prompts), ``id_i`` (chat prompts), and never a longer id sharing a prefix."""
+    from vllm_ffnskip.patches import request_stats
+    from vllm_ffnskip.stats import SkipStats
+
+    stash = request_stats._FINISHED
+    stash.clear()
+    for key, n in [("cmpl-ab-0", 1), ("cmpl-ab-1", 2), ("cmpl-abc-0", 4), ("chat-x_1", 8)]:
+        stash[key] = SkipStats(n, 10 * n)
+    assert request_stats.take_response_stats("cmpl-ab") == SkipStats(3, 30)
+    assert request_stats.take_response_stats("cmpl-ab") is None  # handed over once
+    assert request_stats.take_response_stats("chat-x") == SkipStats(8, 80)
+    assert list(stash) == ["cmpl-abc-0"]
+    stash.clear()
+
+
+@pytest.mark.parametrize("mode", ["FULL_AND_PIECEWISE", "FULL", "FULL_DECODE_ONLY", "PIECEWISE"])
+def test_cuda_graphs_never_capture_skip_decisions(mode):
+    """On CUDA, captured graphs must not contain the per-pass skip decisions: full graphs
+    become piecewise and the skip-aware op becomes a splitting op (runs between pieces)."""
+    from vllm.config import CompilationConfig, CUDAGraphMode
+
+    import vllm_ffnskip.skip_ffn  # noqa: F401  (registers the op)
+    from vllm_ffnskip.patches.model_impl import SKIP_OP, graph_safe_cuda
+
+    config = CompilationConfig(cudagraph_mode=CUDAGraphMode[mode],
+                               splitting_ops=["vllm::unified_attention_with_output"])
+    graph_safe_cuda(config)
+    graph_safe_cuda(config)  # idempotent
+    assert config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    assert config.splitting_ops == ["vllm::unified_attention_with_output", SKIP_OP]
+    assert "ffnskip_mlp" in SKIP_OP and hasattr(torch.ops.vllm, SKIP_OP.split("::")[1])

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 
 import openai
@@ -14,6 +15,7 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server import vllm_server
+from vllm_ffnskip.metrics import FLUSH_INTERVAL_S
 
 XARGS_SKIP = {"ffnskip": 1, "ffnskip_threshold": 0.95}
 
@@ -83,8 +85,74 @@ def test_bad_policy_is_400_naming_the_field(client, xargs, field):
     assert complete(client, {"ffnskip": 0})  # the server goes on serving
 
 
+LAYERS = 30  # the embedded model's decoder layers
+
+
+def skip_field(response) -> dict | None:
+    """``metrics.ffnskip`` of a response or chunk, as the caller receives it."""
+    return (response.model_dump().get("metrics") or {}).get("ffnskip")
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_carries_per_request_skip_counts(client, endpoint, stream):
+    """A skipping request's response says how many FFN blocks it skipped, out of how many
+    (every decode token x every layer); a dense one carries no skip counts."""
+    max_tokens = 12
+
+    def call(xargs: dict):
+        extra = {"vllm_xargs": xargs, "ignore_eos": True}
+        kwargs = dict(model="smollm2", max_tokens=max_tokens, temperature=0, extra_body=extra)
+        if stream:
+            kwargs.update(stream=True, stream_options={"include_usage": True})
+        if endpoint == "chat":
+            kwargs["messages"] = [{"role": "user", "content": "Describe the sea."}]
+            response = client.chat.completions.create(**kwargs)
+        else:
+            response = client.completions.create(prompt="Describe the sea.", **kwargs)
+        if not stream:
+            return response
+        chunks = list(response)
+        assert all(skip_field(c) is None for c in chunks[:-1])
+        assert chunks[-1].usage is not None and not chunks[-1].choices
+        return chunks[-1]
+
+    counts = skip_field(call({"ffnskip": 1, "ffnskip_threshold": 0.9}))
+    assert counts["ffn_blocks_evaluated"] == (max_tokens - 1) * LAYERS
+    assert 0 < counts["ffn_blocks_skipped"] < counts["ffn_blocks_evaluated"]
+    assert counts["skip_ratio"] == pytest.approx(
+        counts["ffn_blocks_skipped"] / counts["ffn_blocks_evaluated"], abs=1e-6
+    )
+    # A stricter threshold never skips more.
+    strict = skip_field(call({"ffnskip": 1, "ffnskip_threshold": 0.999}))
+    assert strict["ffn_blocks_skipped"] <= counts["ffn_blocks_skipped"]
+    assert skip_field(call({"ffnskip": 0})) is None
+
+
+def test_multi_prompt_completion_sums_its_requests(client):
+    """One completion request with two prompts: its counts cover both engine requests."""
+    response = client.completions.create(
+        model="smollm2", prompt=["Describe the sea.", "Describe a forest."], max_tokens=8,
+        temperature=0, extra_body={"vllm_xargs": {"ffnskip": 1}, "ignore_eos": True},
+    )
+    assert skip_field(response)["ffn_blocks_evaluated"] == 2 * 7 * LAYERS
+
+
+def test_parallel_samples_sum_into_their_request(client):
+    """Chat with n=2: both samples' FFN blocks count toward the one response."""
+    response = client.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Describe the sea."}],
+        max_tokens=8, n=2, temperature=0.8, seed=1,
+        extra_body={"vllm_xargs": {"ffnskip": 1}, "ignore_eos": True},
+    )
+    assert len(response.choices) == 2
+    assert skip_field(response)["ffn_blocks_evaluated"] == 2 * 7 * LAYERS
+
+
 def scrape(client: openai.OpenAI) -> dict[str, float]:
-    """Our samples on vLLM's /metrics, by sample name with labels."""
+    """Our samples on vLLM's /metrics, by sample name with labels, once the worker has
+    published what it counted so far (it does within FLUSH_INTERVAL_S)."""
+    time.sleep(2 * FLUSH_INTERVAL_S)
     text = requests.get(str(client.base_url).replace("/v1/", "/metrics"), timeout=10).text
     out = {}
     for family in text_string_to_metric_families(text):
@@ -98,7 +166,7 @@ def scrape(client: openai.OpenAI) -> dict[str, float]:
 def test_metrics_count_what_was_sent(client):
     """Skipped/evaluated FFN blocks and request counters on /metrics match the traffic."""
     before = scrape(client)
-    n, max_tokens, layers = 3, 12, 30
+    n, max_tokens, layers = 3, 12, LAYERS
     for _ in range(n):
         client.completions.create(
             model="smollm2", prompt="Tell me about the ocean.", max_tokens=max_tokens,

@@ -6,6 +6,8 @@ in the Prometheus text format with ``prometheus_client.write_to_textfile`` (the 
 collector pattern) to a directory the API server created; the API server registers a
 collector in vLLM's registry that parses those files (``prometheus_client.parser``) and sums
 them across workers. Only tensor-parallel rank 0 writes: every rank makes the same decisions.
+A daemon thread writes the file at most every ``FLUSH_INTERVAL_S`` when something changed:
+written from the forward pass, the file cost ~1 ms per decode step (measured on the CPU).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import atexit
 import os
 import shutil
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,10 +29,12 @@ from prometheus_client.registry import Collector
 #: Directory shared by the API server and its workers (set by the API server at start).
 DIR_ENV = "VLLM_FFNSKIP_METRICS_DIR"
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
+#: Longest delay between a count in the worker and its appearance on /metrics.
+FLUSH_INTERVAL_S = 0.5
 
 
 class WorkerSkipMetrics:
-    """The worker's counters; ``flush`` publishes them to the API server."""
+    """The worker's counters, published to the API server by a flusher thread."""
 
     def __init__(self, directory: str, model_name: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
@@ -53,10 +59,26 @@ class WorkerSkipMetrics:
             "Per-request share of its decode FFN blocks that were skipped.",
             list(labels), buckets=RATIO_BUCKETS, registry=self.registry,
         ).labels(**labels)
+        self._changed = threading.Event()
         self.flush()
+        threading.Thread(target=self._flush_loop, name="ffnskip-metrics", daemon=True).start()
+
+    def changed(self) -> None:
+        """Counts changed: the flusher writes them within ``FLUSH_INTERVAL_S``."""
+        self._changed.set()
 
     def flush(self) -> None:
+        self._changed.clear()
         write_to_textfile(str(self.path), self.registry)
+
+    def _flush_loop(self) -> None:
+        while True:
+            self._changed.wait()
+            time.sleep(FLUSH_INTERVAL_S)  # one write for everything counted meanwhile
+            try:
+                self.flush()
+            except OSError:
+                return  # the API server removed the directory: it is shutting down
 
 
 class SkipMetricsCollector(Collector):

@@ -1,7 +1,9 @@
 """FFNSkipLlamaForCausalLM: vLLM's LLaMa with the skip-aware FFN in every decoder layer.
 
 Weights, attention, KV cache, compilation and loading are vLLM's own (``LlamaForCausalLM``
-composed with ``layer_type=``); only the decoder layer's FFN call changes.
+composed with ``layer_type=``); only the decoder layer's FFN call changes. A forward pass in
+which no request skips runs a second compiled graph over the same modules with vLLM's own
+decoder-layer forward (``DenseLlamaModel``), so dense traffic pays nothing for the plugin.
 """
 
 from __future__ import annotations
@@ -9,15 +11,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from vllm.compilation.backends import set_model_tag
 from vllm.config import CompilationMode, VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.distributed.utils import get_pp_indices
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.layers.fusion.fused_act_quant import maybe_fused_act_quant
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.sequence import IntermediateTensors
 
 from vllm_ffnskip.skip_ffn import BATCH_KEY, INCOMING_BUDGET_KEY
+from vllm_ffnskip.tracker import SkipPolicyTracker
 
 #: IntermediateTensors key of the per-token skip budgets sent to the next pipeline stage.
 BUDGET_KEY = "ffnskip_budget"
@@ -43,8 +48,9 @@ class FFNSkipDecoderLayer(LlamaDecoderLayer):
 
     def __init__(self, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
-        if vllm_config.compilation_config.mode != CompilationMode.NONE:
-            self.mlp.act_fn = SiluAndMulInOp()
+        compiled = vllm_config.compilation_config.mode != CompilationMode.NONE
+        # The dense graph keeps vLLM's own act_fn; only the op's eager calls use this one.
+        self.act_in_op = SiluAndMulInOp() if compiled else self.mlp.act_fn
         config = vllm_config.model_config.hf_config
         self.layer_idx = extract_layer_index(prefix)
         self.num_layers = config.num_hidden_layers
@@ -57,6 +63,13 @@ class FFNSkipDecoderLayer(LlamaDecoderLayer):
         if self.layer_name in context:
             raise ValueError(f"Duplicate layer name: {self.layer_name}")
         context[self.layer_name] = self
+
+    def mlp_in_op(self, x: torch.Tensor) -> torch.Tensor:
+        """``LlamaMLP.forward`` as called eagerly from inside the opaque op."""
+        x, _ = self.mlp.gate_up_proj(x)
+        x = maybe_fused_act_quant(self.act_in_op, x, self.mlp.down_proj)
+        x, _ = self.mlp.down_proj(x)
+        return x
 
     def forward(
         self,
@@ -77,6 +90,54 @@ class FFNSkipDecoderLayer(LlamaDecoderLayer):
         return hidden_states, residual
 
 
+class DenseDecoderLayer(nn.Module):
+    """vLLM's own ``LlamaDecoderLayer.forward`` over an ``FFNSkipDecoderLayer``'s modules."""
+
+    def __init__(self, layer: FFNSkipDecoderLayer) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return LlamaDecoderLayer.forward(self.layer, positions, hidden_states, residual)
+
+
+class DenseLlamaModel(LlamaModel):
+    """The dense twin of a skip-aware ``LlamaModel``: the same modules and weights, the stock
+    decoder-layer forward, and a compiled graph of its own.
+
+    The skip-aware graph calls each layer's FFN through an opaque op, which costs a dense
+    pass ~10% of its decode speed on the CPU (measured: the MLP leaves inductor's graph).
+    Passes in which no request skips run this graph instead, which is vLLM's. Built under its
+    own model tag and with its own ``forward`` (vLLM keys compile caches by both), on the
+    meta device: every module it computes with is taken from ``model``.
+    """
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str, model: LlamaModel) -> None:
+        layers = model.layers
+
+        def dense_layer(vllm_config: VllmConfig, prefix: str) -> DenseDecoderLayer:
+            return DenseDecoderLayer(layers[extract_layer_index(prefix)])
+
+        with torch.device("meta"), set_model_tag("ffnskip_dense"):
+            super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=dense_layer)
+        self.embed_tokens = model.embed_tokens
+        self.norm = model.norm
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+
+
 class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
     """``LlamaForCausalLM`` built from ``FFNSkipDecoderLayer``s.
 
@@ -84,10 +145,20 @@ class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
     sends its tokens' remaining skip budgets to the next one in ``IntermediateTensors``
     (``BUDGET_KEY``), beside the hidden states. This happens here, outside the compiled
     ``LlamaModel``, so its traced graph stays vLLM's own.
+
+    A pass with no skipping request in its batch runs ``dense_model`` (see DenseLlamaModel).
+    The first pass, vLLM's start-up dummy run, runs both graphs so that both are compiled
+    before any request arrives.
     """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=FFNSkipDecoderLayer)
+        # Not a registered submodule: its parameters are self.model's, loaded once, there.
+        dense_model = DenseLlamaModel(
+            vllm_config=vllm_config, prefix=f"{prefix}.model" if prefix else "model", model=self.model
+        )
+        object.__setattr__(self, "dense_model", dense_model)
+        self.skip_graph_ready = False
         make_model_tensors = self.make_empty_intermediate_tensors
 
         def make_empty_intermediate_tensors(
@@ -111,11 +182,17 @@ class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
             tensors = dict(intermediate_tensors.tensors)
             context.additional_kwargs[INCOMING_BUDGET_KEY] = tensors.pop(BUDGET_KEY, None)
             intermediate_tensors = IntermediateTensors(tensors)
-        output = super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        tracker = SkipPolicyTracker.current
+        skipping = tracker is not None and bool(tracker.rows)
+        if not (skipping or self.skip_graph_ready):
+            self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        self.skip_graph_ready = True
+        model = self.model if skipping else self.dense_model
+        output = model(input_ids, positions, intermediate_tensors, inputs_embeds)
         if isinstance(output, IntermediateTensors):
-            batch = context.additional_kwargs.get(BATCH_KEY)
+            batch = context.additional_kwargs.get(BATCH_KEY) if skipping else None
             budget = torch.zeros(positions.shape[0], dtype=torch.int32)
-            if batch is not None:
-                budget = torch.from_numpy(batch.budget)
+            if batch is not None:  # a DeviceSkipBatch's finish() brought them to the host too
+                budget = torch.from_numpy(getattr(batch, "host", batch).budget)
             output[BUDGET_KEY] = budget.to(positions.device)
         return output

@@ -18,8 +18,10 @@ import torch.nn.functional as F
 from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import direct_register_custom_op
 
+from vllm_ffnskip import device_skip
 from vllm_ffnskip.batch import SkipBatch
-from vllm_ffnskip.stats import RECORDER, STORE
+from vllm_ffnskip.device_skip import DeviceSkipBatch
+from vllm_ffnskip.stats import RECORDER
 from vllm_ffnskip.tracker import SkipPolicyTracker
 
 if TYPE_CHECKING:
@@ -37,7 +39,9 @@ def _query_start_loc(attn_metadata: object) -> torch.Tensor | None:
     return getattr(attn_metadata, "query_start_loc", None)
 
 
-def _batch_for(layer: FFNSkipDecoderLayer, positions: torch.Tensor) -> SkipBatch | None:
+def _batch_for(
+    layer: FFNSkipDecoderLayer, positions: torch.Tensor
+) -> SkipBatch | DeviceSkipBatch | None:
     """The pass's SkipBatch; built by the first layer of this pipeline stage."""
     ctx = get_forward_context()
     if layer.layer_idx == layer.first_layer:
@@ -55,15 +59,24 @@ def _batch_for(layer: FFNSkipDecoderLayer, positions: torch.Tensor) -> SkipBatch
             incoming = ctx.additional_kwargs.get(INCOMING_BUDGET_KEY)
             if batch is not None and incoming is not None:
                 batch.budget[:] = incoming[: batch.budget.shape[0]].cpu().numpy()
+            if batch is not None and device_skip.use_device_state(positions):
+                batch = DeviceSkipBatch.upload(batch, positions.device)
         ctx.additional_kwargs[BATCH_KEY] = batch
         return batch
     return ctx.additional_kwargs.get(BATCH_KEY)
 
 
-def saturation(h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """FFN-SkipLLM's score cos(h, h + f) per row, in float32."""
-    h = h.float()
-    return F.cosine_similarity(h, h + f.float(), dim=-1)
+def saturation(h: torch.Tensor, f: torch.Tensor) -> np.ndarray:
+    """FFN-SkipLLM's score cos(h, h + f) per row, in float32, on the host.
+
+    A handful of numpy calls on the host (zero-copy views of CPU float32 tensors) cost a few
+    microseconds per layer at small batch, where the same torch ops cost tens (measured).
+    """
+    h32 = h.float().cpu().numpy()
+    s32 = h32 + f.float().cpu().numpy()
+    dot = np.einsum("ij,ij->i", h32, s32)
+    norms = np.einsum("ij,ij->i", h32, h32) * np.einsum("ij,ij->i", s32, s32)
+    return dot / np.sqrt(np.maximum(norms, np.float32(1e-16)))
 
 
 def ffnskip_mlp(
@@ -81,13 +94,13 @@ def ffnskip_mlp(
     layer: FFNSkipDecoderLayer = get_forward_context().no_compile_layers[layer_name]
     batch = _batch_for(layer, positions)
     if batch is None:
-        out = layer.mlp(hidden_states)
+        out = layer.mlp_in_op(hidden_states)
+    elif isinstance(batch, DeviceSkipBatch):
+        out = device_skip.skip_step(layer, batch, hidden_states, residual)
     else:
         out = _skip_step(layer, batch, hidden_states, residual)
-    if layer.layer_idx == layer.last_layer:
-        if batch is not None:
-            batch.finish()
-        STORE.publish()
+    if batch is not None and layer.layer_idx == layer.last_layer:
+        batch.finish()
     return out
 
 
@@ -100,7 +113,7 @@ def _skip_step(
     l = layer.layer_idx
     if not batch.layer_hot_any[l]:
         batch.budget[:] = 0  # a cold layer ends every token's skip run
-        return layer.mlp(hidden_states)
+        return layer.mlp_in_op(hidden_states)
     hot = batch.hot[:, l]
     skip = hot & (batch.budget > 0)
     # Budgets: a skipped layer spends one; a cold layer clears it; a computed hot layer
@@ -108,24 +121,35 @@ def _skip_step(
     batch.budget -= skip
     batch.budget[~hot] = 0
     batch.skipped += skip
-    device = hidden_states.device
-    if skip.any():
-        out = torch.zeros_like(hidden_states)
-        rows = np.flatnonzero(~skip)
-        if rows.size:
-            index = torch.from_numpy(rows).to(device)
-            out[index] = layer.mlp(hidden_states[index])
+    run = ~skip
+    # Decode batches are often all-run or all-skip at a layer: no gathers then.
+    if run.all():
+        out = layer.mlp_in_op(hidden_states)
     else:
-        out = layer.mlp(hidden_states)
-    test = np.flatnonzero(hot & ~skip)
-    if test.size:
-        index = torch.from_numpy(test).to(device)
+        out = torch.zeros_like(hidden_states)
+        rows = np.flatnonzero(run)
+        if rows.size:
+            index = _index(rows, hidden_states.device)
+            out[index] = layer.mlp_in_op(hidden_states[index])
+    test = hot & run
+    if test.all():
+        score = saturation(residual, out)
+        batch.budget[:] = np.where(score >= batch.thresholds[:, l], batch.span, 0)
+    elif test.any():
+        rows = np.flatnonzero(test)
+        index = _index(rows, hidden_states.device)
         score = saturation(residual[index], out[index])
-        if RECORDER.enabled:
-            RECORDER.add(l, score.tolist())
-        fire = score.cpu().numpy() >= batch.thresholds[test, l]
-        batch.budget[test] = np.where(fire, batch.span[test], 0)
+        batch.budget[rows] = np.where(score >= batch.thresholds[rows, l], batch.span[rows], 0)
+    else:
+        return out
+    if RECORDER.enabled:
+        RECORDER.add(l, score.tolist())
     return out
+
+
+def _index(rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    index = torch.from_numpy(rows)
+    return index if device.type == "cpu" else index.to(device)
 
 
 def _ffnskip_mlp_fake(

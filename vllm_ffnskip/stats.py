@@ -56,13 +56,6 @@ class SkipStatsStore:
         #: Requests seen, newest last (bounded): a preempted request re-enters the batch.
         self._seen: OrderedDict[str, None] = OrderedDict()
         self.metrics: WorkerSkipMetrics | None = None
-        self._dirty = False
-
-    def publish(self) -> None:
-        """Hand changed metrics to the API server (once per step at most)."""
-        if self._dirty and self.metrics is not None:
-            self._dirty = False
-            self.metrics.flush()
 
     def count(self, skipped: int, evaluated: int) -> None:
         """FFN blocks of one forward pass."""
@@ -71,7 +64,7 @@ class SkipStatsStore:
         if self.metrics is not None:
             self.metrics.skipped.inc(skipped)
             self.metrics.evaluated.inc(evaluated)
-            self._dirty = True
+            self.metrics.changed()
 
     def admit(self, request_id: str, skipping: bool) -> None:
         """A request entered the persistent batch."""
@@ -84,7 +77,7 @@ class SkipStatsStore:
             self.requests_skipping += skipping
         if self.metrics is not None:
             self.metrics.requests["true" if skipping else "false"].inc()
-            self._dirty = True
+            self.metrics.changed()
 
     def record(self, request_id: str, skipped: int, evaluated: int) -> None:
         """A skipping request left the persistent batch (finished, aborted or preempted)."""
@@ -96,7 +89,7 @@ class SkipStatsStore:
                 self._finished.popitem(last=False)
         if self.metrics is not None and evaluated:
             self.metrics.request_ratio.observe(skipped / evaluated)
-            self._dirty = True
+            self.metrics.changed()
         logger.debug(
             "ffnskip request %s: %d/%d FFN blocks skipped", request_id, skipped, evaluated
         )
@@ -120,11 +113,14 @@ class SkipStatsStore:
             self.requests_skipping,
         )
 
-    def pop_finished(self) -> dict[str, dict[str, int]]:
+    def pop_finished(
+        self, request_ids: list[str] | None = None, keep: bool = False
+    ) -> dict[str, dict[str, int]]:
+        """Hands over the records of these requests (default: all); ``keep``: a copy only."""
         with self._lock:
-            out = {rid: asdict(s) for rid, s in self._finished.items()}
-            self._finished.clear()
-        return out
+            ids = list(self._finished) if request_ids is None else request_ids
+            take = self._finished.get if keep else self._finished.pop
+            return {rid: asdict(take(rid)) for rid in ids if rid in self._finished}
 
     def __len__(self) -> int:
         return len(self._finished)
@@ -147,19 +143,22 @@ def collect_request_stats(llm: Any) -> dict[str, Any]:
 
     Returns ``{"requests": {request_id: {"skipped", "evaluated"}}, "total": {...},
     "requests_skipping": n, "in_batch": n}``; per-request records are handed over once.
-    Tensor-parallel ranks count the same blocks, so one rank per pipeline stage is read and
-    the stages (each counting its own layers) are summed.
     """
     ranks = llm.collective_rpc("ffnskip_stats")
     tp = llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size
-    stages = ranks[::tp]
-    out = dict(stages[0])
-    out["requests"] = {}
-    out["total"] = {"skipped": 0, "evaluated": 0}
-    for stage in stages:
-        for key in ("skipped", "evaluated"):
-            out["total"][key] += stage["total"][key]
-        add_counts(out["requests"], stage["requests"])
+    out = dict(ranks[0])
+    out["requests"] = merge_stages([r["requests"] for r in ranks], tp)
+    out["total"] = merge_stages([{"total": r["total"]} for r in ranks], tp)["total"]
+    return out
+
+
+def merge_stages(per_rank: list[dict[str, dict[str, int]]], tp: int) -> dict[str, dict[str, int]]:
+    """Counts by request id from every worker rank, as one count per request: tensor-parallel
+    ranks count the same blocks, so one rank per pipeline stage is read and the stages (each
+    counting its own layers) are summed."""
+    out: dict[str, dict[str, int]] = {}
+    for stage in per_rank[::tp]:
+        add_counts(out, stage)
     return out
 
 

@@ -20,7 +20,7 @@ from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDi
 from vllm_ffnskip.batch import RequestSkipState
 from vllm_ffnskip.metrics import DIR_ENV, WorkerSkipMetrics
 from vllm_ffnskip.policy import REQUEST_ID_KEY, RESOLVED_KEY
-from vllm_ffnskip.stats import STORE
+from vllm_ffnskip.stats import STORE, add_counts
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -51,7 +51,6 @@ class SkipPolicyTracker(LogitsProcessor):
         STORE.maybe_log()
         if batch_update is not None:
             self._apply(batch_update)
-        STORE.publish()
 
     def _apply(self, batch_update: BatchUpdate) -> None:
         # A removed row is listed only while nothing refills it: an added request, or a
@@ -85,8 +84,9 @@ class SkipPolicyTracker(LogitsProcessor):
             STORE.record(state.request_id, state.skipped, state.evaluated)
 
     def snapshot(self) -> dict[str, dict[str, int]]:
-        """Counts of the skipping requests now in the batch, by request id."""
-        return {
-            s.request_id: {"skipped": s.skipped, "evaluated": s.evaluated}
-            for s in self.rows.values()
-        }
+        """Counts of the skipping requests now in the batch, by request id (the parallel
+        samples of one request, ``n > 1``, share its id and are summed)."""
+        counts: dict[str, dict[str, int]] = {}
+        for s in self.rows.values():
+            add_counts(counts, {s.request_id: {"skipped": s.skipped, "evaluated": s.evaluated}})
+        return counts

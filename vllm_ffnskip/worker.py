@@ -27,6 +27,19 @@ class FFNSkipWorkerExtension:
             "in_batch": len(live),
         }
 
+    def ffnskip_request_stats(
+        self, request_ids: list[str], hand_over: bool = True
+    ) -> dict[str, dict[str, int]]:
+        """Counts of these requests: records of those that left the batch (handed over once,
+        unless ``hand_over`` is false) plus the current counts of those still in it (a
+        request that just finished leaves the batch at the next step, after its counts are
+        final)."""
+        tracker = SkipPolicyTracker.current
+        live = tracker.snapshot() if tracker is not None else {}
+        requests = STORE.pop_finished(request_ids, keep=not hand_over)
+        add_counts(requests, {rid: live[rid] for rid in request_ids if rid in live})
+        return requests
+
     def ffnskip_saturation(self) -> dict[int, list[float]]:
         """Hands over the saturation scores recorded per layer (VLLM_FFNSKIP_RECORD_SCORES=1)."""
         return RECORDER.pop()

@@ -1,0 +1,152 @@
+"""Per-request skip counts in OpenAI responses, beside vLLM's per-request metrics, and on
+the offline ``LLM``'s outputs (vLLM 0.32).
+
+The counts are made in the worker; vLLM has no channel that carries per-request numbers
+from a model's forward pass to the response. So when a request with skipping on finishes,
+``AsyncLLM.generate`` asks the workers for its counts (``collective_rpc``, one call per
+finished skipping request, answered between two engine steps) before it hands the final
+output on, and the completion / chat handlers add them to the response as
+``metrics.ffnskip``: in the body of a non-streamed response, and in the final usage chunk
+of a stream (sent with ``stream_options.include_usage``, as vLLM sends its own metrics).
+``LLM.generate`` asks once per call and sets ``RequestOutput.ffnskip`` (None when dense).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from vllm.outputs import RequestOutput
+from vllm.sampling_params import SamplingParams
+
+from vllm_ffnskip.patches._wrap import wrap_method
+from vllm_ffnskip.patches.model_impl import is_ffnskip, server_policy
+from vllm_ffnskip.policy import PolicyError, parse_request
+from vllm_ffnskip.stats import SkipStats, merge_stages
+
+#: Counts of finished requests not yet put in a response, by engine request id (bounded:
+#: a stream without usage chunk never collects its entry).
+_FINISHED: OrderedDict[str, SkipStats] = OrderedDict()
+_MAX_FINISHED = 4096
+
+
+def response_field(stats: SkipStats) -> dict[str, Any]:
+    """The ``metrics.ffnskip`` object of a response."""
+    return {
+        "ffn_blocks_skipped": stats.skipped,
+        "ffn_blocks_evaluated": stats.evaluated,
+        "skip_ratio": round(stats.ratio, 6),
+    }
+
+
+def _skipping(engine: Any, params: SamplingParams) -> bool:
+    config = engine.vllm_config
+    if not is_ffnskip(config.model_config):
+        return False
+    try:
+        layers = config.model_config.hf_config.num_hidden_layers
+        return parse_request(params.extra_args, server_policy(config), layers).enabled
+    except PolicyError:
+        return False  # refused before any output (HTTP 400)
+
+
+async def _generate(original, self, prompt, sampling_params, request_id, *args, **kwargs):
+    async for output in original(self, prompt, sampling_params, request_id, *args, **kwargs):
+        if output.finished and isinstance(sampling_params, SamplingParams) and _skipping(
+            self, sampling_params
+        ):
+            ranks = await self.collective_rpc("ffnskip_request_stats", args=([request_id],))
+            tp = self.vllm_config.parallel_config.tensor_parallel_size
+            counts = merge_stages(ranks, tp).get(request_id)
+            if counts is not None:
+                _FINISHED[request_id] = SkipStats(**counts)
+                while len(_FINISHED) > _MAX_FINISHED:
+                    _FINISHED.popitem(last=False)
+        yield output
+
+
+def take_response_stats(response_id: str) -> SkipStats | None:
+    """Counts of the engine requests behind a response: ``id``, or its per-prompt
+    ``id-i`` (completions) / ``id_i`` (chat) sub-requests; each is handed over once."""
+    keys = [k for k in _FINISHED if _belongs_to(k, response_id)]
+    if not keys:
+        return None
+    total = SkipStats()
+    for key in keys:
+        stats = _FINISHED.pop(key)
+        total.add(stats.skipped, stats.evaluated)
+    return total
+
+
+def _belongs_to(request_id: str, response_id: str) -> bool:
+    suffix = request_id[len(response_id) :]
+    return request_id.startswith(response_id) and (
+        suffix == "" or (suffix[0] in "-_" and suffix[1:].isdigit())
+    )
+
+
+def _with_stats(result: Any) -> Any:
+    from vllm.entrypoints.generate.base.protocol import PerRequestMetrics
+
+    if isinstance(result, AsyncGenerator):
+        return _stream_with_stats(result)
+    metrics = getattr(result, "metrics", False)
+    if metrics is not False:  # a completion or chat response (not an ErrorResponse)
+        stats = take_response_stats(result.id)
+        if stats is not None:
+            metrics = metrics or PerRequestMetrics()
+            metrics.ffnskip = response_field(stats)  # an extra field: extra="allow"
+            result.metrics = metrics
+    return result
+
+
+async def _stream_with_stats(chunks: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
+    async for chunk in chunks:
+        # Only the final usage chunk has no choices; every other chunk passes untouched.
+        if chunk.startswith("data: {") and '"choices":[]' in chunk and '"usage"' in chunk:
+            data = json.loads(chunk[len("data: ") :])
+            stats = take_response_stats(data.get("id", ""))
+            if stats is not None:
+                data.setdefault("metrics", {})["ffnskip"] = response_field(stats)
+                chunk = f"data: {json.dumps(data, separators=(',', ':'))}\n\n"
+        yield chunk
+
+
+async def _create_completion(original, self, request, raw_request=None):
+    return _with_stats(await original(self, request, raw_request))
+
+
+def _run_engine(original, self, *args, **kwargs):
+    outputs = original(self, *args, **kwargs)
+    ids = [o.request_id for o in outputs if isinstance(o, RequestOutput)]
+    if ids and is_ffnskip(self.llm_engine.vllm_config.model_config):
+        # Records stay for collect_request_stats(llm), which hands them over.
+        ranks = self.collective_rpc("ffnskip_request_stats", args=(ids, False))
+        tp = self.llm_engine.vllm_config.parallel_config.tensor_parallel_size
+        counts = merge_stages(ranks, tp)
+        for output in outputs:
+            if isinstance(output, RequestOutput):
+                found = counts.get(output.request_id)
+                output.ffnskip = response_field(SkipStats(**found)) if found else None
+    return outputs
+
+
+def apply_offline() -> None:
+    """Called by model_impl.py when an offline ``LLM`` creates an ffnskip engine."""
+    from vllm.entrypoints.llm import LLM
+
+    wrap_method(LLM, "_run_engine", _run_engine)
+
+
+def apply() -> None:
+    """Called by model_impl.py when an OpenAI server creates an ffnskip engine, so other
+    processes (engine core, workers, offline ``LLM``) never import vLLM's HTTP layer for it."""
+    from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    wrap_method(AsyncLLM, "generate", _generate)
+    wrap_method(OpenAIServingCompletion, "create_completion", _create_completion)
+    wrap_method(OpenAIServingChat, "create_chat_completion", _create_completion)

@@ -1,0 +1,120 @@
+"""The skip step with its per-token state on the accelerator: no device-to-host sync per layer.
+
+The host path (skip_ffn._skip_step) gathers the rows that run an FFN, which needs their
+count on the host: on a GPU that is one sync per layer and erases the saving. Here the
+state of a pass (hot layers, thresholds, spans, budgets) is uploaded once, every layer runs
+a fixed-shape sequence of device ops, and the FFN is the skip-aware kernel
+(``kernels.skip_mlp``: on CUDA, Triton programs whose rows are all skipped exit before
+reading weights). The pass's skip counts come back once, after its last layer.
+
+Used on CUDA; ``VLLM_FFNSKIP_DEVICE_STATE=1`` forces it elsewhere (the CPU keeps the host
+path, measured faster there), which is how CI checks it against the host path.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
+from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+from vllm_ffnskip.batch import SkipBatch
+from vllm_ffnskip.kernels import skip_mlp
+from vllm_ffnskip.stats import RECORDER
+
+if TYPE_CHECKING:
+    from vllm_ffnskip.model import FFNSkipDecoderLayer
+
+#: Set to 1 to run the device-resident step on any device (tests; the default is CUDA only).
+FORCE_ENV = "VLLM_FFNSKIP_DEVICE_STATE"
+
+
+def use_device_state(hidden_states: torch.Tensor) -> bool:
+    return hidden_states.is_cuda or os.environ.get(FORCE_ENV) == "1"
+
+
+@dataclass
+class DeviceSkipBatch:
+    """A SkipBatch's per-token state as tensors on the model's device."""
+
+    host: SkipBatch
+    hot: torch.Tensor  # [T, L] bool
+    thresholds: torch.Tensor  # [T, L] float32
+    span: torch.Tensor  # [T] int32
+    budget: torch.Tensor  # [T] int32
+    skipped: torch.Tensor  # [T] int32
+
+    @classmethod
+    def upload(cls, host: SkipBatch, device: torch.device) -> DeviceSkipBatch:
+        def put(array) -> torch.Tensor:  # host -> device, no sync
+            return torch.from_numpy(array).to(device, non_blocking=True)
+
+        return cls(
+            host=host,
+            hot=put(host.hot),
+            thresholds=put(host.thresholds),
+            span=put(host.span),
+            budget=put(host.budget),
+            skipped=put(host.skipped),
+        )
+
+    def finish(self) -> None:
+        """After the last layer: counts (and budgets, for the next pipeline stage) to the host."""
+        self.host.skipped[:] = self.skipped.cpu().numpy()
+        self.host.budget[:] = self.budget.cpu().numpy()
+        self.host.finish()
+
+
+def skip_step(
+    layer: FFNSkipDecoderLayer,
+    batch: DeviceSkipBatch,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor,
+) -> torch.Tensor:
+    """Same rule as the host step (docs/algorithm.md), as fixed-shape device ops."""
+    l = layer.layer_idx
+    if not batch.host.layer_hot_any[l]:  # host-side fact of the pass: no sync
+        batch.budget.zero_()
+        return layer.mlp_in_op(hidden_states)
+    hot = batch.hot[:, l]
+    skip = hot & (batch.budget > 0)
+    batch.budget = torch.where(skip, batch.budget - 1, torch.where(hot, batch.budget, 0))
+    batch.skipped += skip
+    run = ~skip
+    out = masked_mlp(layer, hidden_states, run)
+    score = saturation(residual, out)
+    fire = score >= batch.thresholds[:, l]
+    batch.budget = torch.where(hot & run, torch.where(fire, batch.span, 0), batch.budget)
+    if RECORDER.enabled:  # profiling only: reads the scores back
+        RECORDER.add(l, score[(hot & run).cpu()].tolist())
+    return out
+
+
+def saturation(h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """skip_ffn.saturation's formula, cos(h, h + f) in float32, kept on the device."""
+    h = h.float()
+    s = h + f.float()
+    norms = (h * h).sum(-1) * (s * s).sum(-1)
+    return (h * s).sum(-1) / norms.clamp_min(1e-16).sqrt()
+
+
+def masked_mlp(layer: FFNSkipDecoderLayer, x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+    """The layer's MLP on rows where ``run`` is set, exactly 0 elsewhere, with no sync.
+
+    Unquantized weights go to the skip-aware kernel (tensor-parallel shards are reduced
+    after it, as ``RowParallelLinear`` does); other layers compute densely and mask.
+    """
+    mlp = layer.mlp
+    plain = all(
+        isinstance(p.quant_method, UnquantizedLinearMethod) and p.bias is None
+        for p in (mlp.gate_up_proj, mlp.down_proj)
+    )
+    if plain and x.is_cuda:
+        out = skip_mlp(x, run, mlp.gate_up_proj.weight, mlp.down_proj.weight)
+        if get_tensor_model_parallel_world_size() > 1:
+            out = tensor_model_parallel_all_reduce(out)
+        return out
+    return torch.where(run.unsqueeze(-1), layer.mlp_in_op(x), 0)
