@@ -36,7 +36,10 @@ FLUSH_INTERVAL_S = 0.5
 class WorkerSkipMetrics:
     """The worker's counters, published to the API server by a flusher thread."""
 
-    def __init__(self, directory: str, model_name: str) -> None:
+    def __init__(self, directory: str, model_name: str, per_request: bool = True) -> None:
+        """``per_request``: also count requests and their skip ratios. Under pipeline
+        parallelism only the first stage does, so a request is counted once; its ratio there
+        is over that stage's layers."""
         self.registry = CollectorRegistry(auto_describe=True)
         self.path = Path(directory) / f"worker-{os.getpid()}.prom"
         labels = {"model_name": model_name}
@@ -49,16 +52,19 @@ class WorkerSkipMetrics:
             "FFN blocks, run or skipped, of decode tokens of requests with skipping on.",
             list(labels), registry=self.registry,
         ).labels(**labels)
-        requests = Counter(
-            "vllm_ffnskip_requests", "Requests served, by whether skipping was on.",
-            [*labels, "skipping"], registry=self.registry,
-        )
-        self.requests = {s: requests.labels(**labels, skipping=s) for s in ("true", "false")}
-        self.request_ratio = Histogram(
-            "vllm_ffnskip_request_skip_ratio",
-            "Per-request share of its decode FFN blocks that were skipped.",
-            list(labels), buckets=RATIO_BUCKETS, registry=self.registry,
-        ).labels(**labels)
+        self.requests: dict[str, Counter] = {}
+        self.request_ratio: Histogram | None = None
+        if per_request:
+            requests = Counter(
+                "vllm_ffnskip_requests", "Requests served, by whether skipping was on.",
+                [*labels, "skipping"], registry=self.registry,
+            )
+            self.requests = {s: requests.labels(**labels, skipping=s) for s in ("true", "false")}
+            self.request_ratio = Histogram(
+                "vllm_ffnskip_request_skip_ratio",
+                "Per-request share of its decode FFN blocks that were skipped.",
+                list(labels), buckets=RATIO_BUCKETS, registry=self.registry,
+            ).labels(**labels)
         self._changed = threading.Event()
         self.flush()
         threading.Thread(target=self._flush_loop, name="ffnskip-metrics", daemon=True).start()

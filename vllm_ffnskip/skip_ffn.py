@@ -4,8 +4,9 @@ Row counts that depend on the data cannot live inside a traced or captured graph
 whole FFN of a layer (gather active rows -> stock ``LlamaMLP`` -> scatter, then the
 saturation test) runs inside ``torch.ops.vllm.ffnskip_mlp``, which torch.compile treats as
 an opaque node with a same-shape fake implementation — the way vLLM keeps attention out of
-its graphs. When no token of a pass may skip, the op calls the stock MLP on all rows and
-nothing else.
+its graphs. Only passes with a skipping request in their batch get here (the others run
+the dense graph, see model.py); when none of their tokens may skip yet, the op calls the
+stock MLP on all rows and nothing else. On CUDA the per-layer step is device_skip.py's.
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ class SkipStatsStore:
             if len(self._seen) > MAX_FINISHED:
                 self._seen.popitem(last=False)
             self.requests_skipping += skipping
-        if self.metrics is not None:
+        if self.metrics is not None and self.metrics.requests:
             self.metrics.requests["true" if skipping else "false"].inc()
             self.metrics.changed()
 
@@ -87,7 +87,7 @@ class SkipStatsStore:
             self._finished[request_id] = entry
             while len(self._finished) > MAX_FINISHED:
                 self._finished.popitem(last=False)
-        if self.metrics is not None and evaluated:
+        if self.metrics is not None and self.metrics.request_ratio is not None and evaluated:
             self.metrics.request_ratio.observe(skipped / evaluated)
             self.metrics.changed()
         logger.debug(

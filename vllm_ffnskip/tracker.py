@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 import os
 
 import torch
-from vllm.distributed import get_tensor_model_parallel_rank
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from vllm_ffnskip.batch import RequestSkipState
@@ -38,7 +38,9 @@ class SkipPolicyTracker(LogitsProcessor):
         directory = os.environ.get(DIR_ENV)
         if directory and STORE.metrics is None and get_tensor_model_parallel_rank() == 0:
             STORE.metrics = WorkerSkipMetrics(
-                directory, vllm_config.model_config.served_model_name
+                directory,
+                vllm_config.model_config.served_model_name,
+                per_request=get_pp_group().is_first_rank,
             )
 
     def is_argmax_invariant(self) -> bool:
