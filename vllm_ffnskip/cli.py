@@ -103,6 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eager", action="store_true", help="enforce_eager (default: compiled)"
     )
+    p.add_argument(
+        "--in-process",
+        action="store_true",
+        help="engine core and worker in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): "
+        "no inter-process contention where cores are few",
+    )
     p.add_argument("--out", default="results/bench.json")
     return parser
 

@@ -13,6 +13,7 @@ vanilla ``--model-impl vllm``, one engine at a time, alternating, several repeti
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -154,6 +155,8 @@ def overhead(model: str, args: Any) -> dict[str, Any]:
 
 
 def main(args: Any) -> None:
+    if args.in_process:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read by every engine made below
     model = engine.resolve_model(args.model)
     server: dict[str, Any] = {"enabled": False}
     if args.policy:
@@ -172,6 +175,7 @@ def main(args: Any) -> None:
         "policy": args.policy or "shipped default",
         "output_tokens": args.output_tokens,
         "mode": "eager" if args.eager else "compiled",
+        "in_process": args.in_process,
         "phi": phi,
         "rows": rows,
     }
