@@ -52,14 +52,18 @@ def _skipping(engine: Any, params: SamplingParams) -> bool:
         return False  # refused before any output (HTTP 400)
 
 
+def _merge(ranks: list[dict[str, dict[str, int]]], vllm_config: Any) -> dict[str, dict[str, int]]:
+    """One count per request from every worker's ``ffnskip_request_stats`` answer."""
+    return merge_stages(ranks, vllm_config.parallel_config.tensor_parallel_size)
+
+
 async def _generate(original, self, prompt, sampling_params, request_id, *args, **kwargs):
     async for output in original(self, prompt, sampling_params, request_id, *args, **kwargs):
         if output.finished and isinstance(sampling_params, SamplingParams) and _skipping(
             self, sampling_params
         ):
             ranks = await self.collective_rpc("ffnskip_request_stats", args=([request_id],))
-            tp = self.vllm_config.parallel_config.tensor_parallel_size
-            counts = merge_stages(ranks, tp).get(request_id)
+            counts = _merge(ranks, self.vllm_config).get(request_id)
             if counts is not None:
                 _FINISHED[request_id] = SkipStats(**counts)
                 while len(_FINISHED) > _MAX_FINISHED:
@@ -124,8 +128,7 @@ def _run_engine(original, self, *args, **kwargs):
     if ids and is_ffnskip(self.llm_engine.vllm_config.model_config):
         # Records stay for collect_request_stats(llm), which hands them over.
         ranks = self.collective_rpc("ffnskip_request_stats", args=(ids, False))
-        tp = self.llm_engine.vllm_config.parallel_config.tensor_parallel_size
-        counts = merge_stages(ranks, tp)
+        counts = _merge(ranks, self.llm_engine.vllm_config)
         for output in outputs:
             if isinstance(output, RequestOutput):
                 found = counts.get(output.request_id)

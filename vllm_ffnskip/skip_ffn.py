@@ -15,12 +15,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from vllm.forward_context import get_forward_context
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_ffnskip import device_skip
-from vllm_ffnskip.batch import SkipBatch
+from vllm_ffnskip.batch import SkipBatch, cosine_rows
 from vllm_ffnskip.device_skip import DeviceSkipBatch
 from vllm_ffnskip.stats import RECORDER
 from vllm_ffnskip.tracker import SkipPolicyTracker
@@ -68,16 +67,13 @@ def _batch_for(
 
 
 def saturation(h: torch.Tensor, f: torch.Tensor) -> np.ndarray:
-    """FFN-SkipLLM's score cos(h, h + f) per row, in float32, on the host.
+    """The score cos(h, h + f) per row, in float32, on the host.
 
-    A handful of numpy calls on the host (zero-copy views of CPU float32 tensors) cost a few
-    microseconds per layer at small batch, where the same torch ops cost tens (measured).
+    numpy on zero-copy views of CPU float32 tensors costs a few microseconds per layer at
+    small batch, where the same torch ops cost tens (measured).
     """
     h32 = h.float().cpu().numpy()
-    s32 = h32 + f.float().cpu().numpy()
-    dot = np.einsum("ij,ij->i", h32, s32)
-    norms = np.einsum("ij,ij->i", h32, h32) * np.einsum("ij,ij->i", s32, s32)
-    return dot / np.sqrt(np.maximum(norms, np.float32(1e-16)))
+    return cosine_rows(h32, h32 + f.float().cpu().numpy())
 
 
 def ffnskip_mlp(
@@ -130,7 +126,7 @@ def _skip_step(
         out = torch.zeros_like(hidden_states)
         rows = np.flatnonzero(run)
         if rows.size:
-            index = _index(rows, hidden_states.device)
+            index = torch.from_numpy(rows).to(hidden_states.device)
             out[index] = layer.mlp_in_op(hidden_states[index])
     test = hot & run
     if test.all():
@@ -138,7 +134,7 @@ def _skip_step(
         batch.budget[:] = np.where(score >= batch.thresholds[:, l], batch.span, 0)
     elif test.any():
         rows = np.flatnonzero(test)
-        index = _index(rows, hidden_states.device)
+        index = torch.from_numpy(rows).to(hidden_states.device)
         score = saturation(residual[index], out[index])
         batch.budget[rows] = np.where(score >= batch.thresholds[rows, l], batch.span[rows], 0)
     else:
@@ -146,11 +142,6 @@ def _skip_step(
     if RECORDER.enabled:
         RECORDER.add(l, score.tolist())
     return out
-
-
-def _index(rows: np.ndarray, device: torch.device) -> torch.Tensor:
-    index = torch.from_numpy(rows)
-    return index if device.type == "cpu" else index.to(device)
 
 
 def _ffnskip_mlp_fake(
