@@ -9,38 +9,22 @@ decoder-layer forward (``DenseLlamaModel``), so dense traffic pays nothing for t
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from vllm.compilation.backends import set_model_tag
 from vllm.config import CompilationMode, VllmConfig
 from vllm.distributed import get_pp_group
 from vllm.distributed.utils import get_pp_indices
 from vllm.forward_context import get_forward_context
-from vllm.model_executor.layers.fusion.fused_act_quant import maybe_fused_act_quant
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.sequence import IntermediateTensors
 
+from vllm_ffnskip.eager_mlp import MLPCall, SiluAndMulInOp, eager_mlp
 from vllm_ffnskip.skip_ffn import BATCH_KEY, INCOMING_BUDGET_KEY
 from vllm_ffnskip.tracker import SkipPolicyTracker
 
 #: IntermediateTensors key of the per-token skip budgets sent to the next pipeline stage.
 BUDGET_KEY = "ffnskip_budget"
-
-
-class SiluAndMulInOp(nn.Module):
-    """SiLU-and-mul for an MLP that runs inside an opaque op, outside the compiled graph.
-
-    With compilation on, vLLM disables its custom ops and gives ``SiluAndMul`` a
-    ``torch.compile``d native forward, meant to be inlined into the model's graph. Called
-    eagerly from our op, that wrapper costs ~145 us per layer on the CPU (measured; the
-    GEMMs around it take ~80-140 us). This eager version computes in float32 and rounds once,
-    as inductor's fused kernel does.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        d = x.shape[-1] // 2
-        return (F.silu(x[..., :d].float()) * x[..., d:].float()).to(x.dtype)
 
 
 class FFNSkipDecoderLayer(LlamaDecoderLayer):
@@ -51,6 +35,7 @@ class FFNSkipDecoderLayer(LlamaDecoderLayer):
         compiled = vllm_config.compilation_config.mode != CompilationMode.NONE
         # The dense graph keeps vLLM's own act_fn; only the op's eager calls use this one.
         self.act_in_op = SiluAndMulInOp() if compiled else self.mlp.act_fn
+        self._mlp_in_op: MLPCall | None = None  # built at the first call, after loading
         config = vllm_config.model_config.hf_config
         self.layer_idx = extract_layer_index(prefix)
         self.num_layers = config.num_hidden_layers
@@ -65,11 +50,10 @@ class FFNSkipDecoderLayer(LlamaDecoderLayer):
         context[self.layer_name] = self
 
     def mlp_in_op(self, x: torch.Tensor) -> torch.Tensor:
-        """``LlamaMLP.forward`` as called eagerly from inside the opaque op."""
-        x, _ = self.mlp.gate_up_proj(x)
-        x = maybe_fused_act_quant(self.act_in_op, x, self.mlp.down_proj)
-        x, _ = self.mlp.down_proj(x)
-        return x
+        """``LlamaMLP.forward`` as called eagerly from inside the opaque op (eager_mlp.py)."""
+        if self._mlp_in_op is None:
+            self._mlp_in_op = eager_mlp(self.mlp, self.act_in_op)
+        return self._mlp_in_op(x)
 
     def forward(
         self,

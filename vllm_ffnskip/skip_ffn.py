@@ -72,8 +72,10 @@ def saturation(h: torch.Tensor, f: torch.Tensor) -> np.ndarray:
     numpy on zero-copy views of CPU float32 tensors costs a few microseconds per layer at
     small batch, where the same torch ops cost tens (measured).
     """
-    h32 = h.float().cpu().numpy()
-    return cosine_rows(h32, h32 + f.float().cpu().numpy())
+    if h.dtype != torch.float32 or h.device.type != "cpu":  # each call costs ~5 us
+        h, f = h.float().cpu(), f.float().cpu()
+    h32 = h.numpy()
+    return cosine_rows(h32, h32 + f.numpy())
 
 
 def ffnskip_mlp(
