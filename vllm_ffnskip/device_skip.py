@@ -1,14 +1,14 @@
 """The skip step with its per-token state on the accelerator: no device-to-host sync per layer.
 
-The host path (skip_ffn._skip_step) gathers the rows that run an FFN, which needs their
-count on the host: on a GPU that is one sync per layer and erases the saving. Here the
-state of a pass (hot layers, thresholds, spans, budgets) is uploaded once, every layer runs
-a fixed-shape sequence of device ops, and the FFN is the skip-aware kernel
+Used on CUDA, where the rule cannot run in the captured graph the way graph_skip.py runs it
+on the CPU (``torch.cond`` reads its predicate on the host). The state of a pass (hot layers,
+thresholds, spans, budgets) is uploaded once; every layer's opaque op (skip_ffn.py) runs a
+fixed-shape sequence of device ops, and the FFN is the skip-aware kernel
 (``kernels.skip_mlp``: on CUDA, Triton programs whose rows are all skipped exit before
 reading weights). The pass's skip counts come back once, after its last layer.
 
-Used on CUDA; ``VLLM_FFNSKIP_DEVICE_STATE=1`` forces it elsewhere (the CPU keeps the host
-path, measured faster there), which is how CI checks it against the host path.
+``VLLM_FFNSKIP_DEVICE_STATE=1`` forces this path elsewhere, which is how CI checks it
+against the graph path and the reference.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_parallel_all_reduce
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+from vllm.platforms import current_platform
 
 from vllm_ffnskip.batch import SkipBatch, cosine_rows
 from vllm_ffnskip.kernels import skip_mlp
@@ -32,8 +33,8 @@ if TYPE_CHECKING:
 FORCE_ENV = "VLLM_FFNSKIP_DEVICE_STATE"
 
 
-def use_device_state(hidden_states: torch.Tensor) -> bool:
-    return hidden_states.is_cuda or os.environ.get(FORCE_ENV) == "1"
+def use_device_state() -> bool:
+    return current_platform.is_cuda() or os.environ.get(FORCE_ENV) == "1"
 
 
 @dataclass
@@ -61,11 +62,10 @@ class DeviceSkipBatch:
             skipped=put(host.skipped),
         )
 
-    def finish(self) -> None:
-        """After the last layer: counts (and budgets, for the next pipeline stage) to the host."""
+    def download(self) -> None:
+        """After the pass: counts (and budgets, for the next pipeline stage) to the host."""
         self.host.skipped[:] = self.skipped.cpu().numpy()
         self.host.budget[:] = self.budget.cpu().numpy()
-        self.host.finish()
 
 
 def skip_step(

@@ -12,15 +12,17 @@ import torch
 from torch import nn
 from vllm.compilation.backends import set_model_tag
 from vllm.config import CompilationMode, VllmConfig
-from vllm.distributed import get_pp_group
-from vllm.distributed.utils import get_pp_indices
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaModel
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.sequence import IntermediateTensors
 
 from vllm_ffnskip.eager_mlp import MLPCall, SiluAndMulInOp, eager_mlp
-from vllm_ffnskip.skip_ffn import BATCH_KEY, INCOMING_BUDGET_KEY
+from vllm_ffnskip import device_skip
+from vllm_ffnskip.batch import SkipBatch
+from vllm_ffnskip.device_skip import DeviceSkipBatch
+from vllm_ffnskip.graph_skip import SkipState
+from vllm_ffnskip.skip_ffn import BATCH_KEY
 from vllm_ffnskip.tracker import SkipPolicyTracker
 
 #: IntermediateTensors key of the per-token skip budgets sent to the next pipeline stage.
@@ -36,12 +38,10 @@ class FFNSkipDecoderLayer(LlamaDecoderLayer):
         # The dense graph keeps vLLM's own act_fn; only the op's eager calls use this one.
         self.act_in_op = SiluAndMulInOp() if compiled else self.mlp.act_fn
         self._mlp_in_op: MLPCall | None = None  # built at the first call, after loading
-        config = vllm_config.model_config.hf_config
         self.layer_idx = extract_layer_index(prefix)
-        self.num_layers = config.num_hidden_layers
-        pp = get_pp_group()
-        self.first_layer, end = get_pp_indices(self.num_layers, pp.rank_in_group, pp.world_size)
-        self.last_layer = end - 1
+        # The model's shared SkipState where the rule runs in the graph (set by the model;
+        # not a registered submodule here), None where the device-state op runs it.
+        self.skip_state: SkipState | None = None
         # Registered like vLLM's attention and MoE layers, so the opaque op finds its layer.
         self.layer_name = f"{prefix}.ffnskip"
         context = vllm_config.compilation_config.static_forward_context
@@ -68,9 +68,10 @@ class FFNSkipDecoderLayer(LlamaDecoderLayer):
             hidden_states, residual = self.input_layernorm(hidden_states, residual)
         hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        hidden_states = torch.ops.vllm.ffnskip_mlp(
-            hidden_states, residual, positions, self.layer_name
-        )
+        if self.skip_state is not None:
+            hidden_states = self.skip_state.step(self.layer_idx, self.mlp, hidden_states, residual)
+        else:
+            hidden_states = torch.ops.vllm.ffnskip_mlp(hidden_states, residual, self.layer_name)
         return hidden_states, residual
 
 
@@ -125,14 +126,16 @@ class DenseLlamaModel(LlamaModel):
 class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
     """``LlamaForCausalLM`` built from ``FFNSkipDecoderLayer``s.
 
+    Before each forward pass the ``SkipBatch`` is built from the tracker's rows (on the host,
+    from the step's ``query_start_loc`` and positions). A pass in which no token may skip runs
+    ``dense_model`` (see DenseLlamaModel); the others run the skip-aware graph, with the
+    pass's state loaded into ``skip_state`` (the rule in the graph, graph_skip.py) or, on
+    CUDA, uploaded for the device-state op (device_skip.py). The first pass, vLLM's start-up
+    dummy run, runs both graphs so that both are compiled before any request arrives.
+
     Under pipeline parallelism a token's skip run may cross a stage boundary: each stage
     sends its tokens' remaining skip budgets to the next one in ``IntermediateTensors``
-    (``BUDGET_KEY``), beside the hidden states. This happens here, outside the compiled
-    ``LlamaModel``, so its traced graph stays vLLM's own.
-
-    A pass with no skipping request in its batch runs ``dense_model`` (see DenseLlamaModel).
-    The first pass, vLLM's start-up dummy run, runs both graphs so that both are compiled
-    before any request arrives.
+    (``BUDGET_KEY``), beside the hidden states, outside the compiled ``LlamaModel``.
     """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
@@ -143,6 +146,15 @@ class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
         )
         object.__setattr__(self, "dense_model", dense_model)
         self.skip_graph_ready = False
+        self.num_layers = vllm_config.model_config.hf_config.num_hidden_layers
+        self.stage_layers = range(self.model.start_layer, self.model.end_layer)
+        self.skip_state: SkipState | None = None
+        if not device_skip.use_device_state():
+            self.skip_state = SkipState(
+                vllm_config.scheduler_config.max_num_batched_tokens, self.num_layers
+            )
+            for layer in self.model.layers[self.model.start_layer : self.model.end_layer]:
+                object.__setattr__(layer, "skip_state", self.skip_state)
         make_model_tensors = self.make_empty_intermediate_tensors
 
         def make_empty_intermediate_tensors(
@@ -154,6 +166,27 @@ class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
 
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors
 
+    def skip_batch(
+        self, positions: torch.Tensor, incoming_budget: torch.Tensor | None
+    ) -> SkipBatch | None:
+        """This pass's skip state; None when no token of it may skip."""
+        tracker = SkipPolicyTracker.current
+        if tracker is None or not tracker.rows:
+            return None
+        qsl = _query_start_loc(get_forward_context().attn_metadata)
+        if qsl is None:
+            return None
+        batch = SkipBatch.build(
+            tracker.rows,
+            qsl,
+            positions,
+            num_layers=self.num_layers,
+            stage_layers=len(self.stage_layers),
+        )
+        if batch is not None and incoming_budget is not None:
+            batch.budget[:] = incoming_budget[: batch.budget.shape[0]].cpu().numpy()
+        return batch
+
     def forward(
         self,
         input_ids: torch.Tensor | None,
@@ -161,22 +194,40 @@ class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
         intermediate_tensors: IntermediateTensors | None = None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor | IntermediateTensors:
-        context = get_forward_context()
+        incoming = None
         if intermediate_tensors is not None:
             tensors = dict(intermediate_tensors.tensors)
-            context.additional_kwargs[INCOMING_BUDGET_KEY] = tensors.pop(BUDGET_KEY, None)
+            incoming = tensors.pop(BUDGET_KEY, None)
             intermediate_tensors = IntermediateTensors(tensors)
-        tracker = SkipPolicyTracker.current
-        skipping = tracker is not None and bool(tracker.rows)
-        if not (skipping or self.skip_graph_ready):
-            self.model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        args = (input_ids, positions, intermediate_tensors, inputs_embeds)
+        batch = self.skip_batch(positions, incoming)
+        context = get_forward_context()
+        context.additional_kwargs[BATCH_KEY] = None
+        if batch is None:
+            if not self.skip_graph_ready:
+                self.model(*args)
+            output = self.dense_model(*args)
+        elif self.skip_state is not None:
+            self.skip_state.load(batch)
+            output = self.model(*args)
+            self.skip_state.unload(batch, self.stage_layers)
+        else:
+            device_batch = DeviceSkipBatch.upload(batch, positions.device)
+            context.additional_kwargs[BATCH_KEY] = device_batch
+            output = self.model(*args)
+            device_batch.download()
         self.skip_graph_ready = True
-        model = self.model if skipping else self.dense_model
-        output = model(input_ids, positions, intermediate_tensors, inputs_embeds)
+        if batch is not None:
+            batch.finish()
         if isinstance(output, IntermediateTensors):
-            batch = context.additional_kwargs.get(BATCH_KEY) if skipping else None
             budget = torch.zeros(positions.shape[0], dtype=torch.int32)
-            if batch is not None:  # numpy (host path) or a tensor (device path)
-                budget = torch.as_tensor(batch.budget)
+            if batch is not None:
+                budget = torch.from_numpy(batch.budget)
             output[BUDGET_KEY] = budget.to(positions.device)
         return output
+
+
+def _query_start_loc(attn_metadata: object) -> torch.Tensor | None:
+    if isinstance(attn_metadata, dict):
+        attn_metadata = next(iter(attn_metadata.values()), None)
+    return getattr(attn_metadata, "query_start_loc", None)
