@@ -83,6 +83,19 @@ def assert_matches_reference(llm, embedded_model: str) -> None:
 
 
 @pytest.fixture(scope="module")
+def compiled_skip_llm(embedded_model: str) -> Iterator[object]:
+    """vLLM's default mode: the rule traced into the compiled graph (torch.cond, buffers)."""
+    llm = make_llm(embedded_model, model_impl="ffnskip", enforce_eager=False, additional_config={
+        "ffnskip": {"enabled": False, "warmup": 2, "cold_start": 2, "cold_end": 2}})
+    yield llm
+    close_llm(llm)
+
+
+def test_compiled_skip_graph_matches_reference(compiled_skip_llm, embedded_model):
+    assert_matches_reference(compiled_skip_llm, embedded_model)
+
+
+@pytest.fixture(scope="module")
 def device_state_llm(embedded_model: str) -> Iterator[object]:
     """An engine running the accelerator path (device-resident state, masked FFN) on the CPU."""
     with pytest.MonkeyPatch.context() as env:
@@ -99,7 +112,7 @@ def test_device_state_path_matches_reference(device_state_llm, embedded_model):
     assert_matches_reference(device_state_llm, embedded_model)
 
 
-def test_device_state_path_equals_host_path_in_mixed_batches(device_state_llm, skip_llm):
+def test_device_state_path_equals_graph_path_in_mixed_batches(device_state_llm, skip_llm):
     params = [greedy({"ffnskip": 0} if i % 3 == 0 else {
         "ffnskip": 1, "ffnskip_threshold": 0.95 + i / 200, "ffnskip_span": 1 + i % 2})
         for i in range(8)]

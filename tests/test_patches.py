@@ -152,32 +152,3 @@ def test_cuda_graphs_never_capture_skip_decisions(mode):
     assert config.splitting_ops == ["vllm::unified_attention_with_output", SKIP_OP]
     assert "ffnskip_mlp" in SKIP_OP and hasattr(torch.ops.vllm, SKIP_OP.split("::")[1])
 
-
-def plain_linear(out_features: int, in_features: int, **attrs) -> torch.nn.Module:
-    """A module carrying what vLLM's CPU linear layers carry after loading."""
-    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
-    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
-
-    layer = torch.nn.Module()
-    layer.weight = torch.nn.Parameter(torch.randn(out_features, in_features), requires_grad=False)
-    layer.bias = None
-    layer.quant_method = UnquantizedLinearMethod()
-    for name, value in attrs.items():
-        setattr(layer, name, value)
-    dispatch_cpu_unquantized_gemm(layer, remove_weight=False)  # what vLLM runs at load time
-    return layer
-
-
-def test_prepared_gemm_is_vllms_kernel_for_plain_cpu_layers():
-    from vllm_ffnskip.patches.cpu_gemm import prepared_gemm
-
-    layer = plain_linear(96, 64)
-    gemm = prepared_gemm(layer)
-    assert gemm is not None, "vLLM no longer sets layer.cpu_linear: the op's MLP got slower"
-    x = torch.randn(3, 64)
-    torch.testing.assert_close(gemm(x), x @ layer.weight.t())
-    # Layers whose forward does more than the GEMM keep the module call.
-    assert prepared_gemm(plain_linear(96, 64, bias=torch.nn.Parameter(torch.zeros(96)))) is None
-    assert prepared_gemm(plain_linear(96, 64, gather_output=True)) is None
-    assert prepared_gemm(plain_linear(96, 64, input_is_parallel=False)) is None
-    assert prepared_gemm(plain_linear(96, 64, quant_method=object())) is None

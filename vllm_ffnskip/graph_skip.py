@@ -84,6 +84,7 @@ class SkipState(nn.Module):
         spent = torch.where(skip, budget - 1, torch.where(fire, self.span[:t], 0))
         self.budget[:t].copy_(torch.where(hot, spent, 0))
         self.skipped[:t].add_(skip.int())
-        if RECORDER.enabled:  # fixed for the process's life (set at start): a trace-time branch
-            self.score[:t, layer_idx].copy_(torch.where(hot & run, score, torch.nan))
+        # Written whether or not scores are recorded: a branch on that here would give two
+        # graphs that vLLM's compile cache (keyed by config and source) cannot tell apart.
+        self.score[:t, layer_idx].copy_(torch.where(hot & run, score, torch.nan))
         return out
