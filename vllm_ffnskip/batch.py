@@ -11,26 +11,35 @@ tensor-parallel rank, so every rank builds the same batch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any
 
 import numpy as np
+import torch
 
 from vllm_ffnskip.stats import STORE
 
-if TYPE_CHECKING:
-    import torch
+def rule_step(
+    hot: torch.Tensor,
+    skip: torch.Tensor,
+    budget: torch.Tensor,
+    residual: torch.Tensor,
+    ffn_out: torch.Tensor,
+    thresholds: torch.Tensor,
+    span: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FFN-SkipLLM's rule after one layer (docs/algorithm.md): the tokens' next skip budgets
+    and their saturation scores cos(h, h + f), in float32, as fixed-shape tensor ops.
 
-ArrayT = TypeVar("ArrayT")
-
-
-def cosine_rows(h: ArrayT, s: ArrayT) -> ArrayT:
-    """FFN-SkipLLM's saturation score cos(h, s) per row, with ``s = h + FFN(h)``.
-
-    Written with operators and methods that numpy arrays and torch tensors share, so the
-    host path (numpy) and the device path (torch) compute the one formula.
+    A skipped hot layer spends one of the budget, a computed hot layer sets it to ``span``
+    when its score reaches the threshold (else 0), a cold layer clears it. One definition
+    for the graph path (graph_skip.py) and the device-state path (device_skip.py).
     """
+    h = residual.float()
+    s = h + ffn_out.float()
     norms = (h * h).sum(-1) * (s * s).sum(-1)
-    return (h * s).sum(-1) / norms.clip(min=1e-16) ** 0.5
+    score = (h * s).sum(-1) / norms.clamp_min(1e-16).sqrt()
+    tested = torch.where(score >= thresholds, span, 0)
+    return torch.where(hot, torch.where(skip, budget - 1, tested), 0), score
 
 
 @dataclass

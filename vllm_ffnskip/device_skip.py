@@ -22,7 +22,7 @@ from vllm.distributed import get_tensor_model_parallel_world_size, tensor_model_
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.platforms import current_platform
 
-from vllm_ffnskip.batch import SkipBatch, cosine_rows
+from vllm_ffnskip.batch import SkipBatch, rule_step
 from vllm_ffnskip.kernels import skip_mlp
 from vllm_ffnskip.stats import RECORDER
 
@@ -74,21 +74,19 @@ def skip_step(
     hidden_states: torch.Tensor,
     residual: torch.Tensor,
 ) -> torch.Tensor:
-    """Same rule as the host step (docs/algorithm.md), as fixed-shape device ops."""
+    """The rule (batch.rule_step) as fixed-shape device ops, around the skip-aware kernel."""
     l = layer.layer_idx
     if not batch.host.layer_hot_any[l]:  # host-side fact of the pass: no sync
         batch.budget.zero_()
         return layer.mlp_in_op(hidden_states)
     hot = batch.hot[:, l]
     skip = hot & (batch.budget > 0)
-    batch.budget = torch.where(skip, batch.budget - 1, torch.where(hot, batch.budget, 0))
     batch.skipped += skip
     run = ~skip
     out = masked_mlp(layer, hidden_states, run)
-    h = residual.float()
-    score = cosine_rows(h, h + out.float())
-    fire = score >= batch.thresholds[:, l]
-    batch.budget = torch.where(hot & run, torch.where(fire, batch.span, 0), batch.budget)
+    batch.budget, score = rule_step(
+        hot, skip, batch.budget, residual, out, batch.thresholds[:, l], batch.span
+    )
     if RECORDER.enabled:  # profiling only: reads the scores back
         RECORDER.add(l, score[(hot & run).cpu()].tolist())
     return out

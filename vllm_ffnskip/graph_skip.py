@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vllm_ffnskip.batch import SkipBatch, cosine_rows
+from vllm_ffnskip.batch import SkipBatch, rule_step
 from vllm_ffnskip.stats import RECORDER
 
 
@@ -77,12 +77,10 @@ class SkipState(nn.Module):
             lambda x, r: torch.zeros_like(x),
             (hidden_states, run),
         )
-        h = residual.float()
-        score = cosine_rows(h, h + out.float())
-        fire = score >= self.thresholds[:t, layer_idx]
-        # A skipped layer spends one of the budget, a tested one sets it, a cold one clears it.
-        spent = torch.where(skip, budget - 1, torch.where(fire, self.span[:t], 0))
-        self.budget[:t].copy_(torch.where(hot, spent, 0))
+        budget, score = rule_step(
+            hot, skip, budget, residual, out, self.thresholds[:t, layer_idx], self.span[:t]
+        )
+        self.budget[:t].copy_(budget)
         self.skipped[:t].add_(skip.int())
         # Written whether or not scores are recorded: a branch on that here would give two
         # graphs that vLLM's compile cache (keyed by config and source) cannot tell apart.

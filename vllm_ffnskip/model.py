@@ -117,9 +117,8 @@ class DenseLlamaModel(LlamaModel):
     """The dense twin of a skip-aware ``LlamaModel``: the same modules and weights, the stock
     decoder-layer forward, and a compiled graph of its own.
 
-    The skip-aware graph costs a pass in which nothing skips ~5% of its decode speed on the
-    CPU (the rule's ops and the ``torch.cond`` boundaries; ~10% with the CUDA path's opaque
-    op, measured on the CPU). Passes in which no token may skip run this graph instead,
+    The skip-aware graph costs a pass in which nothing skips ~8% of its decode speed on the
+    CPU (the rule's ops and the ``torch.cond`` boundaries; benchmarks/decode_ab.py). Passes in which no token may skip run this graph instead,
     which is vLLM's. Built under its
     own model tag and with its own ``forward`` (vLLM keys compile caches by both), on the
     meta device: every module it computes with is taken from ``model``.
