@@ -13,8 +13,10 @@ Catalogue (patched symbol — why — how — upstream change that would retire 
   other architectures fail. Retire when vLLM lets plugins register model implementations.
 - ``EngineArgs.create_engine_config`` (model_impl.py) — the server default policy
   (``--additional-config``) must fail at start, not at the first request, and the worker
-  needs the ``SkipPolicyTracker`` only on ffnskip servers. How: validates the policy and
-  adds the tracker to ``model_config.logits_processors``. Retire with a per-model hook for
+  needs the ``SkipPolicyTracker`` only on ffnskip servers. How: validates the policy,
+  adds the tracker to ``model_config.logits_processors`` and puts ``compile_key()`` (our
+  source and skip path) into ``additional_config``, which vLLM hashes into its compile-cache
+  keys: otherwise a changed plugin can load graphs compiled from the old one. Retire with a per-model hook for
   config validation and default logits processors.
 - ``InputProcessor.process_inputs`` (request_policy.py) — per-request policy must be
   validated against the server default and the model's layer count in the API server

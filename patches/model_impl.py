@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 from vllm.config import CompilationConfig, CUDAGraphMode
@@ -24,6 +26,8 @@ MODEL_IMPL = "ffnskip"
 SKIP_OP = "vllm::ffnskip_mlp"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 TRACKER = "vllm_ffnskip.tracker:SkipPolicyTracker"
+#: ``additional_config`` key of compile_key(), set on every ffnskip engine.
+COMPILE_KEY = "ffnskip_compile_key"
 WORKER_EXTENSION = "vllm_ffnskip.worker.FFNSkipWorkerExtension"
 
 
@@ -63,6 +67,30 @@ def server_policy(vllm_config: Any) -> SkipPolicy:
     )
 
 
+@functools.lru_cache(maxsize=1)
+def compile_key() -> str:
+    """What our compiled graphs depend on beyond vLLM's config: the plugin's source and the
+    skip path (graph rule or device-state op).
+
+    vLLM keys its compile caches by its own version and config; on load it re-checks only
+    the sources dynamo traced, and its piecewise cache inside is keyed by graph index. A
+    changed plugin could then run graphs compiled from the old one (seen after a change of
+    the skip graph's inputs: ``not enough values to unpack (expected 41, got 40)``). vLLM
+    hashes ``additional_config`` into every compile-cache key, so this goes there.
+    """
+    import vllm_ffnskip
+    from vllm_ffnskip import device_skip
+
+    digest = hashlib.sha256(str(device_skip.use_device_state()).encode())
+    # This package and the patches (a sibling folder in a source checkout, inside it when
+    # installed).
+    for root in sorted({Path(vllm_ffnskip.__file__).parent, Path(__file__).parent}):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def _resolve_model_cls(original, self, architectures, model_config):
     if not is_ffnskip(model_config):
         return original(self, architectures, model_config)
@@ -88,6 +116,8 @@ def _create_engine_config(original, self, usage_context=None, *args, **kwargs):
         server_policy(vllm_config)
     except PolicyError as e:
         raise ValueError(f"invalid --additional-config for ffnskip: {e}") from e
+    if isinstance(vllm_config.additional_config, dict):
+        vllm_config.additional_config = {**vllm_config.additional_config, COMPILE_KEY: compile_key()}
     processors = list(model_config.logits_processors or [])
     if TRACKER not in processors:
         model_config.logits_processors = processors + [TRACKER]

@@ -68,6 +68,28 @@ def test_ffnskip_resolves_llama_to_our_class(embedded_model):
     assert not vanilla.parallel_config.worker_extension_cls
 
 
+def test_compile_cache_key_covers_the_plugin(embedded_model, monkeypatch):
+    """vLLM hashes additional_config into its compile-cache keys: ffnskip engines carry a key
+    of our source and skip path there, so a changed plugin never loads stale graphs."""
+    from vllm_ffnskip.device_skip import FORCE_ENV
+    from vllm_ffnskip.patches import model_impl
+
+    config = engine_config(embedded_model, model_impl="ffnskip")
+    key = config.additional_config[model_impl.COMPILE_KEY]
+    assert key == model_impl.compile_key()
+    vanilla = engine_config(embedded_model)
+    assert model_impl.COMPILE_KEY not in (vanilla.additional_config or {})
+    digest = config.compute_hash()
+    config.additional_config[model_impl.COMPILE_KEY] = "another plugin"
+    assert config.compute_hash() != digest  # vLLM's compile caches see the key
+    model_impl.compile_key.cache_clear()
+    monkeypatch.setenv(FORCE_ENV, "1")  # the device-state path traces other graphs
+    try:
+        assert model_impl.compile_key() != key
+    finally:
+        model_impl.compile_key.cache_clear()
+
+
 @pytest.mark.parametrize(
     "config, message",
     [
