@@ -10,7 +10,8 @@ tensor-parallel rank, so every rank builds the same batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -68,6 +69,12 @@ class RequestSkipState:
             span=int(wire["span"]),
         )
 
+    @cached_property
+    def hot_layers(self) -> np.ndarray:
+        """[num_layers] bool: the layers outside this request's cold regions."""
+        layers = np.arange(len(self.thresholds))
+        return (layers >= self.cold_start) & (layers < len(layers) - self.cold_end)
+
 
 @dataclass
 class SkipBatch:
@@ -86,7 +93,7 @@ class SkipBatch:
     skipped: np.ndarray  # [T] int32, FFN blocks skipped per token in this pass
     token_rows: np.ndarray  # [T] index into ``states`` (-1: not a skipping request)
     states: list[RequestSkipState]
-    layer_hot_any: list[bool] = field(default_factory=list)  # per layer: any hot token
+    evaluated: int  # FFN blocks of this pass's decode tokens (counted when it finishes)
 
     @classmethod
     def build(
@@ -104,42 +111,35 @@ class SkipBatch:
         """
         qsl = query_start_loc.cpu().numpy()
         num_tokens = positions.shape[0]
-        pos = positions[: int(qsl[-1])].cpu().numpy()
-        states: list[RequestSkipState] = []
         token_rows = np.full(num_tokens, -1, dtype=np.int64)
+        states: list[RequestSkipState] = []
         for row, state in rows.items():
-            if row + 1 >= len(qsl):  # not scheduled in this step
-                continue
-            token_rows[qsl[row] : qsl[row + 1]] = len(states)
-            states.append(state)
+            if row + 1 < len(qsl):  # else not scheduled in this step
+                token_rows[qsl[row] : qsl[row + 1]] = len(states)
+                states.append(state)
         if not states:
             return None
-        idx = np.nonzero(token_rows >= 0)[0]
+        idx = np.flatnonzero(token_rows >= 0)
         state_of = token_rows[idx]
-        prompt_len = np.array([s.prompt_len for s in states])[state_of]
-        warmup = np.array([s.warmup for s in states])[state_of]
-        decode = pos[idx] >= prompt_len
+        pos = positions.cpu().numpy()[idx]
+        # Per request: prompt_len, warm-up, span (one small array, indexed once per pass).
+        scalars = np.array([(s.prompt_len, s.warmup, s.span) for s in states])[state_of]
+        decode = pos >= scalars[:, 0]
         decode_tokens = np.bincount(state_of[decode], minlength=len(states))
-        for state, n in zip(states, decode_tokens):
-            state.evaluated += int(n) * stage_layers
-        if decode_tokens.any():
-            STORE.count(0, int(decode_tokens.sum()) * stage_layers)
-        eligible = pos[idx] >= prompt_len + warmup
+        for state, n in zip(states, decode_tokens.tolist()):
+            state.evaluated += n * stage_layers
+        evaluated = int(decode_tokens.sum()) * stage_layers
+        eligible = pos >= scalars[:, 0] + scalars[:, 1]
         if not eligible.any():
+            if evaluated:
+                STORE.count(0, evaluated)
             return None
-        layers = np.arange(num_layers)
-        cold_start = np.array([s.cold_start for s in states])[state_of]
-        cold_end = np.array([s.cold_end for s in states])[state_of]
         hot = np.zeros((num_tokens, num_layers), dtype=bool)
-        hot[idx] = (
-            eligible[:, None]
-            & (layers[None, :] >= cold_start[:, None])
-            & (layers[None, :] < num_layers - cold_end[:, None])
-        )
+        hot[idx] = np.stack([s.hot_layers for s in states])[state_of] & eligible[:, None]
         thresholds = np.ones((num_tokens, num_layers), dtype=np.float32)
         thresholds[idx] = np.stack([s.thresholds for s in states])[state_of]
         span = np.zeros(num_tokens, dtype=np.int32)
-        span[idx] = np.array([s.span for s in states])[state_of]
+        span[idx] = scalars[:, 2]
         return cls(
             hot=hot,
             thresholds=thresholds,
@@ -148,8 +148,13 @@ class SkipBatch:
             skipped=np.zeros(num_tokens, dtype=np.int32),
             token_rows=token_rows,
             states=states,
-            layer_hot_any=hot.any(axis=0).tolist(),
+            evaluated=evaluated,
         )
+
+    @cached_property
+    def layer_hot_any(self) -> list[bool]:
+        """Per layer: whether any token of the pass is hot there."""
+        return self.hot.any(axis=0).tolist()
 
     def finish(self) -> None:
         """Fold this pass's skip counts into the requests' counters (after the last layer)."""
@@ -159,6 +164,6 @@ class SkipBatch:
             weights=self.skipped[mask],
             minlength=len(self.states),
         )
-        for state, n in zip(self.states, per_state):
+        for state, n in zip(self.states, per_state.tolist()):
             state.skipped += int(n)
-        STORE.count(int(per_state.sum()), 0)
+        STORE.count(int(per_state.sum()), self.evaluated)
