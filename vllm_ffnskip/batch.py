@@ -158,12 +158,11 @@ class SkipBatch:
 
     def finish(self) -> None:
         """Fold this pass's skip counts into the requests' counters (after the last layer)."""
-        mask = self.token_rows >= 0
+        # Bin 0 holds the tokens of other requests (row -1), which never skip. Few numpy calls:
+        # right after the graph each one runs with cold caches (~10 us, measured).
         per_state = np.bincount(
-            self.token_rows[mask],
-            weights=self.skipped[mask],
-            minlength=len(self.states),
-        )
-        for state, n in zip(self.states, per_state.tolist()):
+            self.token_rows + 1, weights=self.skipped, minlength=len(self.states) + 1
+        ).tolist()
+        for state, n in zip(self.states, per_state[1:]):
             state.skipped += int(n)
-        STORE.count(int(per_state.sum()), self.evaluated)
+        STORE.count(int(sum(per_state)), self.evaluated)
