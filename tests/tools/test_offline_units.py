@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vllm_ffnskip.tools import calibrate, datasets
-from vllm_ffnskip.tools.bench import ffn_share
+from vllm_ffnskip.tools.bench import ffn_share, pair_overhead
 
 
 def test_factoid_splits_are_large_disjoint_and_answerable():
@@ -115,3 +115,16 @@ def test_ffn_share_of_smollm2():
         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, head_dim=64,
     )  # fmt: skip
     assert ffn_share(config) == pytest.approx(0.594, abs=0.005)
+
+
+def test_pair_overhead_is_immune_to_which_engines_drew_the_fast_speed():
+    """Engines run at ~61 or ~79 tok/s for their whole life. Two fast vanilla engines and one
+    fast plugin engine make the pooled medians say 22% overhead; each pair says ~0%."""
+    plugin = [[61.0, 61.2, 60.8], [61.1, 61.0, 61.2], [79.0, 79.2, 79.1]]
+    vanilla = [[61.0, 61.1, 60.9], [79.1, 79.0, 79.3], [79.2, 79.1, 79.0]]
+    report = pair_overhead(plugin, vanilla)
+    assert report["per_engine_tok_s"]["ffnskip-off"] == [61.0, 61.1, 79.1]
+    assert 1 - report["plugin_off_tok_s"] / report["vanilla_tok_s"] == pytest.approx(0.228, abs=1e-3)
+    assert report["overhead"] == pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(ValueError):
+        pair_overhead(plugin, vanilla[:2])
