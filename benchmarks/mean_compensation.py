@@ -1,6 +1,6 @@
 """Does replacing a skipped FFN by its mean output (instead of 0) recover accuracy?
 
-    python benchmarks/mean_compensation.py [--split calib] [--max-tokens 24]
+    PYTHONPATH=. python benchmarks/mean_compensation.py [--split calib] [--max-tokens 24]   # repo root
 
 A negative result kept for the record (docs/results.md §3). On the plain-transformers
 reference of the rule (tests/reference.py), with the embedded model's shipped policy:
