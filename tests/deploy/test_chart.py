@@ -14,7 +14,16 @@ from . import k8s
 from .conftest import CHART, REPO
 
 MULTI_NODE = {"multiNode": {"enabled": True, "size": 2}, "tensorParallelSize": 4, "pipelineParallelSize": 2}
-DEFAULT_FFNSKIP = {"enabled": True, "threshold": 0.98, "warmup": 2, "cold_start": 2, "cold_end": 2, "span": 1}
+# What the defaults render: only `enabled`; every other key is left to the plugin (or a policy file).
+DEFAULT_FFNSKIP = {"enabled": True}
+# The plugin's documented built-in defaults (docs/deploy.md, vllm_ffnskip/policy.py SkipPolicy).
+PLUGIN_DEFAULTS = {"enabled": True, "threshold": 0.98, "warmup": 2, "cold_start": 2, "cold_end": 2, "span": 1}
+POLICY_MOUNT = "/etc/vllm-ffnskip/policies"
+# A calibrated policy file whose values all differ from the plugin's defaults.
+POLICY_FILE = {"layer_thresholds": [1.0, 1.0, 0.91, 0.95, 0.97, 1.0], "warmup": 4, "cold_start": 1,
+               "cold_end": 1, "span": 2}
+WITH_POLICY_FILE = {"policyFiles": {"calibrated.json": POLICY_FILE},
+                    "ffnskip": {"policy_file": f"{POLICY_MOUNT}/calibrated.json"}}
 CUSTOM_FFNSKIP = {"enabled": False, "threshold": 0.97, "warmup": 4, "cold_start": 3, "cold_end": 1,
                   "span": 2, "policy_file": "/etc/vllm-ffnskip/policies/llama.json"}
 
@@ -30,7 +39,7 @@ CASES: dict[str, dict | None] = {
         "model": "meta-llama/Llama-3.1-8B-Instruct",
         "servedModelName": "llama",
         "ffnskip": CUSTOM_FFNSKIP,
-        "policyFiles": {"llama.json": {"thresholds": [0.97, 0.98]}},
+        "policyFiles": {"llama.json": {"layer_thresholds": [0.97, 0.98]}},
         "extraArgs": ["--max-model-len", 4096, "--enforce-eager"],
         "extraEnv": [{"name": "VLLM_LOGGING_LEVEL", "value": "DEBUG"}],
         "extraVolumes": [{"name": "scratch", "emptyDir": {}}],
@@ -132,33 +141,116 @@ def test_serve_args(render, ffnskip, multi):
     assert k8s.flag_value(args, "--port") == "8000"
 
 
-def test_null_policy_keys_are_left_out(render):
-    """Helm unsets a key given as null; the plugin then applies its own default for it
-    (e.g. threshold: null lets a policy file's per-layer thresholds apply)."""
-    args = _serve_args(render({"ffnskip": {"threshold": None, "policy_file": "/policies/p.json"}}))
-    expected = {**DEFAULT_FFNSKIP, "policy_file": "/policies/p.json"}
-    del expected["threshold"]
-    assert json.loads(k8s.flag_value(args, "--additional-config")) == {"ffnskip": expected}
+def _additional_config(docs) -> dict:
+    config = json.loads(k8s.flag_value(_serve_args(docs), "--additional-config"))
+    assert list(config) == ["ffnskip"]
+    return config["ffnskip"]
 
 
-def test_default_policy_accepted_by_plugin_parser(render):
-    """Contract with vllm_ffnskip/policy.py (loaded by path: it imports nothing of vLLM)."""
+@pytest.fixture(scope="module")
+def policy():
+    """vllm_ffnskip/policy.py, the plugin's own parser (loaded by path: it imports nothing of
+    vLLM, and the package's __init__ is not needed)."""
     path = REPO / "vllm_ffnskip" / "policy.py"
     if not path.is_file():
         pytest.skip("vllm_ffnskip/policy.py not present")
     spec = importlib.util.spec_from_file_location("_ffnskip_policy_under_test", path)
-    policy = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = policy  # dataclasses look their module up
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
     try:
-        spec.loader.exec_module(policy)
-        for values in (None, {"ffnskip": {**CUSTOM_FFNSKIP, "policy_file": None}}):
-            config = json.loads(k8s.flag_value(_serve_args(render(values)), "--additional-config"))
-            parsed = policy.parse_server_config(config["ffnskip"])
-            expected = (values or {"ffnskip": DEFAULT_FFNSKIP})["ffnskip"]
-            assert parsed.threshold == expected["threshold"] and parsed.span == expected["span"]
-            assert parsed.enabled == expected["enabled"] and parsed.warmup == expected["warmup"]
+        spec.loader.exec_module(module)
+        yield module
     finally:
         sys.modules.pop(spec.name, None)
+
+
+def _parse_as_in_pod(policy, config: dict, docs, tmp_path):
+    """parse_server_config as the pod would run it: the policyFiles ConfigMap's data written to a
+    folder that stands in for its mount, and policy_file pointed there."""
+    config = dict(config)
+    if "policy_file" in config:
+        (configmap,) = k8s.of_kind(docs, "ConfigMap")
+        for name, content in configmap["data"].items():
+            (tmp_path / name).write_text(content)
+        assert config["policy_file"].startswith(POLICY_MOUNT + "/")
+        config["policy_file"] = str(tmp_path / config["policy_file"][len(POLICY_MOUNT) + 1:])
+    return policy.parse_server_config(config)
+
+
+def test_null_policy_keys_are_left_out(render):
+    """A key given as null is not rendered (Helm unsets it), even one the chart sets (enabled);
+    the plugin then applies its own default, or the policy file's value."""
+    values = {"ffnskip": {"enabled": None, "threshold": None, "warmup": None, "policy_file": "/policies/p.json"}}
+    assert _additional_config(render(values)) == {"policy_file": "/policies/p.json"}
+
+
+@pytest.mark.parametrize("multi", [False, True], ids=["single-node", "multi-node"])
+def test_policy_file_thresholds_not_overridden_by_default(render, policy, tmp_path, multi):
+    """The issue: a default threshold (and warmup/cold/span) must not replace a policy file's."""
+    docs = render({**(MULTI_NODE if multi else {}), **WITH_POLICY_FILE})
+    config = _additional_config(docs)
+    assert "threshold" not in config
+    assert config == {"enabled": True, "policy_file": f"{POLICY_MOUNT}/calibrated.json"}
+    parsed = _parse_as_in_pod(policy, config, docs, tmp_path)
+    assert parsed.layer_thresholds == tuple(POLICY_FILE["layer_thresholds"])
+    assert parsed.thresholds(6) == POLICY_FILE["layer_thresholds"]
+    for key in ("warmup", "cold_start", "cold_end", "span"):
+        assert getattr(parsed, key) == POLICY_FILE[key] != PLUGIN_DEFAULTS[key], key
+    assert parsed.enabled is True
+
+
+@pytest.mark.parametrize("threshold", [0.97, 1])
+def test_explicit_threshold_is_rendered(render, policy, tmp_path, threshold):
+    config = _additional_config(render({"ffnskip": {"threshold": threshold}}))
+    assert config == {"enabled": True, "threshold": threshold}
+    assert policy.parse_server_config(config).threshold == threshold
+    # Beside a policy file, a threshold the user set is rendered and replaces the per-layer ones;
+    # the keys they did not set still come from the file.
+    values = {**WITH_POLICY_FILE, "ffnskip": {**WITH_POLICY_FILE["ffnskip"], "threshold": threshold}}
+    docs = render(values)
+    config = _additional_config(docs)
+    assert config == {"enabled": True, "threshold": threshold, "policy_file": f"{POLICY_MOUNT}/calibrated.json"}
+    parsed = _parse_as_in_pod(policy, config, docs, tmp_path)
+    assert parsed.layer_thresholds is None and parsed.thresholds(6) == [threshold] * 6
+    assert parsed.warmup == POLICY_FILE["warmup"] and parsed.span == POLICY_FILE["span"]
+
+
+@pytest.mark.parametrize("key,value", [("enabled", False), ("warmup", 0), ("cold_start", 3),
+                                       ("cold_end", 0), ("span", 2), ("policy_file", "/p.json")])
+def test_only_keys_set_are_rendered(render, key, value):
+    assert _additional_config(render({"ffnskip": {key: value}})) == {**DEFAULT_FFNSKIP, key: value}
+
+
+def test_default_policy_accepted_by_plugin_parser(render, policy):
+    """Contract with vllm_ffnskip/policy.py: the defaults give the documented default policy,
+    and leave a base policy (the embedded model's calibrated one, default_policy_for) intact."""
+    config = _additional_config(render())
+    parsed = policy.parse_server_config(config)
+    assert parsed == policy.SkipPolicy()
+    assert {key: getattr(parsed, key) for key in PLUGIN_DEFAULTS} == PLUGIN_DEFAULTS
+    assert parsed.layer_thresholds is None and parsed.thresholds(4) == [0.98] * 4
+    base = policy.SkipPolicy(threshold=0.9, warmup=5, cold_start=1, cold_end=3, span=2,
+                             layer_thresholds=(1.0, 0.9, 0.95, 1.0, 0.9, 1.0, 1.0))
+    assert policy.parse_server_config(config, base=base) == base
+    # A fully custom server policy parses to exactly the values given.
+    custom = {**CUSTOM_FFNSKIP, "policy_file": None}
+    parsed = policy.parse_server_config(_additional_config(render({"ffnskip": custom})))
+    assert {key: getattr(parsed, key) for key in PLUGIN_DEFAULTS} == {k: custom[k] for k in PLUGIN_DEFAULTS}
+
+
+def _install_notes(helm_cmd, values) -> str:
+    proc = helm_cmd("install", "--dry-run=client", "ffnskip", str(CHART), values=values)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split("NOTES:", 1)[1]
+
+
+def test_notes_warn_only_about_overrides_the_user_set(helm_cmd):
+    assert "NOTE:" not in _install_notes(helm_cmd, WITH_POLICY_FILE)
+    assert "NOTE:" not in _install_notes(helm_cmd, {"ffnskip": {"threshold": 0.97}})  # no policy file
+    values = {**WITH_POLICY_FILE, "ffnskip": {**WITH_POLICY_FILE["ffnskip"], "threshold": 0.97, "span": 1}}
+    notes = _install_notes(helm_cmd, values)
+    assert "NOTE:" in notes and "ffnskip.threshold (replacing its per-layer thresholds)" in notes
+    assert "ffnskip.span" in notes and "ffnskip.warmup" not in notes
 
 
 def test_extra_args_and_served_name(render):
@@ -323,14 +415,14 @@ def test_metrics_off(render):
 def test_policy_files_mounted_and_roll_pods(render):
     docs = render(CASES["everything"])
     configmap = k8s.one(docs, "ConfigMap")
-    assert json.loads(configmap["data"]["llama.json"]) == {"thresholds": [0.97, 0.98]}
+    assert json.loads(configmap["data"]["llama.json"]) == {"layer_thresholds": [0.97, 0.98]}
     template = k8s.serving_template(docs)
     (container,) = template["spec"]["containers"]
     mount = next(m for m in container["volumeMounts"] if m["name"] == "policy-files")
     assert mount == {"name": "policy-files", "mountPath": "/etc/vllm-ffnskip/policies", "readOnly": True}
     assert CUSTOM_FFNSKIP["policy_file"].startswith(mount["mountPath"] + "/")
     checksum = template["metadata"]["annotations"]["checksum/policy-files"]
-    changed = {**CASES["everything"], "policyFiles": {"llama.json": {"thresholds": [0.96, 0.98]}}}
+    changed = {**CASES["everything"], "policyFiles": {"llama.json": {"layer_thresholds": [0.96, 0.98]}}}
     assert k8s.serving_template(render(changed))["metadata"]["annotations"]["checksum/policy-files"] != checksum
 
 

@@ -21,6 +21,9 @@ from .conftest import CHART
     (["--set", "ffnskip.warmup=-1"], "/ffnskip/warmup"),
     (["--set", "ffnskip.span=0"], "/ffnskip/span"),
     (["--set", "ffnskip.policy_file=3"], "/ffnskip/policy_file"),
+    (["--set-string", "ffnskip.warmup=2"], "/ffnskip/warmup"),
+    (["--set", "ffnskip.cold_end=-1"], "/ffnskip/cold_end"),
+    (["--set-json", "ffnskip.cold_start=1.5"], "/ffnskip/cold_start"),
     (["--set", "ffnskip.treshold=0.9"], "treshold"),
     (["--set", "multiNode.enabled=yes"], "/multiNode/enabled"),
     (["--set-string", "multiNode.enabled=true"], "/multiNode/enabled"),
@@ -41,6 +44,10 @@ def test_schema_rejects(helm_cmd, args, field):
     ["--set", "ffnskip.threshold=1"],
     ["--set", "ffnskip.enabled=false,ffnskip.warmup=0,ffnskip.cold_start=0,ffnskip.cold_end=0"],
     ["--set", "ffnskip.policy_file=/etc/vllm-ffnskip/policies/p.json"],
+    # Every ffnskip key is optional: null (the chart's default for most) leaves it out.
+    ["--set-json", "ffnskip.threshold=null"],
+    ["--set", "ffnskip.enabled=null,ffnskip.warmup=null,ffnskip.span=null"],
+    ["--set-json", 'ffnskip={"threshold": 0.95}'],
     ["--set", "tensorParallelSize=8,pipelineParallelSize=2"],
     ["--set", "multiNode.enabled=true,multiNode.size=2,pipelineParallelSize=2"],
 ])

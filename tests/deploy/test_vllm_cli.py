@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from . import k8s
-from .test_chart import MULTI_NODE
+from .test_chart import MULTI_NODE, POLICY_MOUNT, WITH_POLICY_FILE
 
 PARSE = r"""
 import json, sys
@@ -33,19 +33,26 @@ def test_serve_argv_parses_with_vllm(render):
         pytest.skip("vLLM is not installed")
     values = {"extraArgs": ["--max-model-len", 2048]}
     argvs = []
-    for docs in (render(values), render({**MULTI_NODE, **values})):
+    explicit = {**values, **WITH_POLICY_FILE,
+                "ffnskip": {**WITH_POLICY_FILE["ffnskip"], "threshold": 0.97}}
+    for docs in (render(values), render({**MULTI_NODE, **values}), render(explicit)):
         argv = k8s.argv(k8s.serving_template(docs)["spec"]["containers"][0])
         argvs.append(argv[argv.index("vllm") + 1:])  # what follows the `vllm` executable
     proc = subprocess.run([sys.executable, "-c", PARSE], input=json.dumps(argvs),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single, multi = json.loads(proc.stdout.split("RESULT", 1)[1])
-    for parsed in (single, multi):
+    single, multi, explicit = json.loads(proc.stdout.split("RESULT", 1)[1])
+    for parsed in (single, multi, explicit):
         assert parsed["subcommand"] == "serve"
         assert parsed["model_tag"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
         assert parsed["model_impl"] == "ffnskip"
-        assert parsed["additional_config"]["ffnskip"]["threshold"] == 0.98
         assert parsed["port"] == 8000 and parsed["max_model_len"] == 2048
+    for parsed in (single, multi):
+        # No threshold (nor warmup/cold/span): the plugin's defaults or a policy file's apply.
+        assert parsed["additional_config"] == {"ffnskip": {"enabled": True}}
+    # A threshold the user sets reaches vLLM as a number, next to the policy file.
+    assert explicit["additional_config"] == {"ffnskip": {
+        "enabled": True, "threshold": 0.97, "policy_file": f"{POLICY_MOUNT}/calibrated.json"}}
     assert (single["tensor_parallel_size"], single["pipeline_parallel_size"]) == (1, 1)
     assert (multi["tensor_parallel_size"], multi["pipeline_parallel_size"]) == (4, 2)
     assert multi["distributed_executor_backend"] == "ray"

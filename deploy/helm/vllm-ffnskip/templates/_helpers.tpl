@@ -92,8 +92,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/*
---additional-config JSON: {"ffnskip": <the ffnskip values>}. Keys set to null are left out
-(Helm's way to unset a key), so the plugin's own default applies to them.
+--additional-config JSON: {"ffnskip": <the ffnskip values that are set>}. Null keys (the chart's
+defaults for threshold, warmup, cold_start, cold_end, span and policy_file) are left out, so the
+plugin's own default applies to them, or, with a policy_file, the file's values: a rendered key
+would override the file's (threshold: its per-layer thresholds).
 */}}
 {{- define "vllm-ffnskip.additionalConfig" -}}
 {{- $policy := dict }}
