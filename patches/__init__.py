@@ -1,9 +1,13 @@
 """Every touch point of vllm-ffnskip on vLLM internals, with why and when to remove it.
 
 Installed as ``vllm_ffnskip.patches``. Each patch is a small module with ``apply()``; all of
-them were written against the vLLM releases in ``SUPPORTED_VLLM`` and ``apply_all`` refuses
-any other release loudly rather than patching code it has not seen. ``apply_all`` runs in
-every vLLM process (``vllm.general_plugins``) and is idempotent.
+them were written against the vLLM releases in ``SUPPORTED_VLLM``. ``apply_all`` runs in
+every vLLM process (``vllm.general_plugins``) and is idempotent. Every patch passes calls
+through unchanged unless the engine was asked for ``--model-impl ffnskip``. On any other
+vLLM release none of them is applied: only ``guard_unsupported`` wraps
+``EngineArgs.create_engine_config`` so that an engine asking for ``--model-impl ffnskip``
+fails loudly at start (vLLM accepts any ``--model-impl`` string and would otherwise serve
+its own dense LLaMa), while every other engine is created by vLLM's own code untouched.
 
 Catalogue (patched symbol — why — how — upstream change that would retire it):
 
@@ -59,25 +63,53 @@ class UnsupportedVLLMVersion(RuntimeError):
     pass
 
 
-def check_vllm_version(version: str | None = None) -> None:
-    if version is None:
-        import vllm
+def installed_vllm_version() -> str:
+    import vllm
 
-        version = vllm.__version__
+    return vllm.__version__
+
+
+def is_supported(version: str) -> bool:
     low, high = SUPPORTED_VLLM
-    if not low <= Version(version) < high:
+    return low <= Version(version) < high
+
+
+def check_vllm_version(version: str | None = None) -> None:
+    version = installed_vllm_version() if version is None else version
+    if not is_supported(version):
+        low, high = SUPPORTED_VLLM
         raise UnsupportedVLLMVersion(
-            f"vllm-ffnskip patches were written for vLLM >={low},<{high}; found vLLM "
-            f"{version}. Install a supported vLLM or a vllm-ffnskip release for {version}."
+            f"--model-impl ffnskip: vllm-ffnskip was written for vLLM >={low},<{high}; found "
+            f"vLLM {version}. Install a supported vLLM or a vllm-ffnskip release for "
+            f"{version}, or serve without --model-impl ffnskip."
         )
 
 
-def apply_all() -> None:
-    """Apply every patch once in this process."""
+def guard_unsupported() -> None:
+    """On an unsupported vLLM: refuse ``--model-impl ffnskip`` at engine creation, before
+    vLLM's own code runs, and touch nothing else."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_ffnskip.patches._wrap import wrap_method
+
+    def create_engine_config(original, self, *args, **kwargs):
+        if getattr(self, "model_impl", None) == "ffnskip":
+            check_vllm_version()
+        return original(self, *args, **kwargs)
+
+    wrap_method(EngineArgs, "create_engine_config", create_engine_config)
+
+
+def apply_all() -> bool:
+    """Apply every patch once in this process; on an unsupported vLLM only the guard.
+    Returns whether the patches are in place."""
     global _applied
     if _applied:
-        return
-    check_vllm_version()
+        return True
+    if not is_supported(installed_vllm_version()):
+        guard_unsupported()
+        return False
     for name in _MODULES:
         importlib.import_module(f"{__name__}.{name}").apply()
     _applied = True
+    return True

@@ -15,7 +15,6 @@ from vllm.model_executor.models.registry import _ModelRegistry
 from vllm.platforms import current_platform
 from vllm.usage.usage_lib import UsageContext
 
-from vllm_ffnskip.metrics import setup_api_server_metrics
 from vllm_ffnskip.patches._wrap import wrap_method
 from vllm_ffnskip.policy import PolicyError, SkipPolicy, parse_server_config
 
@@ -91,6 +90,21 @@ def compile_key() -> str:
     return digest.hexdigest()[:16]
 
 
+def key_compile_cache_by_stage(vllm_config: Any, layers: range) -> None:
+    """In a worker: give this pipeline stage's graphs compile caches of their own.
+
+    vLLM keys its compile caches by config, and the stages of one engine share a config: in
+    vLLM 0.32 they share one inductor cache directory. Our graphs do not load from vLLM's
+    AOT cache here (``'function' object has no attribute 'finalize_loading'``) and are
+    recompiled at each start, and on a warm cache a stage that recompiled was handed the
+    other stage's graph (PP=2 restart: ``too many values to unpack (expected 40)``). The
+    stage's layer range in ``additional_config`` separates them.
+    """
+    config = vllm_config.additional_config
+    if isinstance(config, dict) and COMPILE_KEY in config:
+        config[COMPILE_KEY] = f"{compile_key()}:layers{layers.start}-{layers.stop}"
+
+
 def _resolve_model_cls(original, self, architectures, model_config):
     if not is_ffnskip(model_config):
         return original(self, architectures, model_config)
@@ -130,7 +144,6 @@ def _create_engine_config(original, self, usage_context=None, *args, **kwargs):
     parallel_config.worker_extension_cls = WORKER_EXTENSION
     if current_platform.is_cuda_alike():
         graph_safe_cuda(vllm_config.compilation_config)
-    setup_api_server_metrics()
     from vllm_ffnskip.patches import request_stats
 
     if usage_context == UsageContext.OPENAI_API_SERVER:

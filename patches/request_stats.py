@@ -1,19 +1,23 @@
-"""Per-request skip counts in OpenAI responses, beside vLLM's per-request metrics, and on
-the offline ``LLM``'s outputs (vLLM 0.32).
+"""Per-request skip counts in OpenAI responses, beside vLLM's per-request metrics, on the
+offline ``LLM``'s outputs, and on ``/metrics`` (vLLM 0.32).
 
 The counts are made in the worker; vLLM has no channel that carries per-request numbers
-from a model's forward pass to the response. So when a request with skipping on finishes,
-``AsyncLLM.generate`` asks the workers for its counts (``collective_rpc``, one call per
-finished skipping request, answered between two engine steps) before it hands the final
-output on, and the completion / chat handlers add them to the response as
-``metrics.ffnskip``: in the body of a non-streamed response, and in the final usage chunk
-of a stream (sent with ``stream_options.include_usage``, as vLLM sends its own metrics).
+from a model's forward pass to the response. So ``AsyncLLM.generate`` asks the workers for
+the counts of skipping requests that finished (``collective_rpc``, answered by the engine
+core between two steps) before it hands their final output on: one call for all requests
+that finished while the previous call was out, not one per request. The completion / chat
+handlers add them to the response as ``metrics.ffnskip``: in the body of a non-streamed
+response, and in the final usage chunk of a stream (sent with
+``stream_options.include_usage``, as vLLM sends its own metrics). Every request that ends
+is observed once on the API server's Prometheus metrics (metrics.py), with those counts.
 ``LLM.generate`` asks once per call and sets ``RequestOutput.ffnskip`` (None when dense).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -21,6 +25,7 @@ from typing import Any
 from vllm.outputs import RequestOutput
 from vllm.sampling_params import SamplingParams
 
+from vllm_ffnskip.metrics import server_metrics
 from vllm_ffnskip.patches._wrap import wrap_method
 from vllm_ffnskip.patches.model_impl import is_ffnskip, server_policy
 from vllm_ffnskip.policy import PolicyError, parse_request
@@ -57,18 +62,79 @@ def _merge(ranks: list[dict[str, dict[str, int]]], vllm_config: Any) -> dict[str
     return merge_stages(ranks, vllm_config.parallel_config.tensor_parallel_size)
 
 
+class CountsFetcher:
+    """Skip counts of finished requests from the workers, in as few calls as possible.
+
+    A request that finishes while a call is out waits for the next one, which asks for
+    every request that finished meanwhile. The engine core answers a call between two
+    steps, so a request waits at most about one step for its counts.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.waiting: dict[str, list[asyncio.Future]] = {}
+        self.task: asyncio.Task | None = None
+
+    async def counts(self, request_id: str) -> SkipStats | None:
+        future = asyncio.get_running_loop().create_future()
+        self.waiting.setdefault(request_id, []).append(future)
+        if self.task is None or self.task.done():
+            self.task = asyncio.create_task(self._fetch())
+        return await future
+
+    async def _fetch(self) -> None:
+        while self.waiting:
+            batch, self.waiting = self.waiting, {}
+            try:
+                ranks = await self.engine.collective_rpc("ffnskip_request_stats", args=(list(batch),))
+                counts = _merge(ranks, self.engine.vllm_config)
+            except Exception as e:  # noqa: BLE001 - handed to every waiting request
+                for futures in batch.values():
+                    for f in futures:
+                        if not f.done():
+                            f.set_exception(e)
+                continue
+            for request_id, futures in batch.items():
+                found = counts.get(request_id)
+                for f in futures:
+                    if not f.done():
+                        f.set_result(SkipStats(**found) if found else None)
+
+
+def _fetcher(engine: Any) -> CountsFetcher:
+    fetcher = getattr(engine, "_ffnskip_counts", None)
+    if fetcher is None:
+        fetcher = engine._ffnskip_counts = CountsFetcher(engine)
+    return fetcher
+
+
 async def _generate(original, self, prompt, sampling_params, request_id, *args, **kwargs):
-    async for output in original(self, prompt, sampling_params, request_id, *args, **kwargs):
-        if output.finished and isinstance(sampling_params, SamplingParams) and _skipping(
-            self, sampling_params
-        ):
-            ranks = await self.collective_rpc("ffnskip_request_stats", args=([request_id],))
-            counts = _merge(ranks, self.vllm_config).get(request_id)
-            if counts is not None:
-                _FINISHED[request_id] = SkipStats(**counts)
-                while len(_FINISHED) > _MAX_FINISHED:
-                    _FINISHED.popitem(last=False)
-        yield output
+    if not is_ffnskip(self.vllm_config.model_config):
+        async for output in original(self, prompt, sampling_params, request_id, *args, **kwargs):
+            yield output
+        return
+    metrics = server_metrics(self.vllm_config.model_config.served_model_name)
+    skipping = isinstance(sampling_params, SamplingParams) and _skipping(self, sampling_params)
+    started = observed = False
+    try:
+        async for output in original(self, prompt, sampling_params, request_id, *args, **kwargs):
+            started = True
+            if output.finished and not observed:
+                stats = None
+                if skipping:
+                    start = time.perf_counter()
+                    stats = await _fetcher(self).counts(request_id)
+                    metrics.fetch_seconds.observe(time.perf_counter() - start)
+                    if stats is not None:
+                        _FINISHED[request_id] = stats
+                        while len(_FINISHED) > _MAX_FINISHED:
+                            _FINISHED.popitem(last=False)
+                metrics.observe(skipping, stats)
+                observed = True
+            yield output
+    finally:
+        if started and not observed:  # aborted mid-generation: a request, without counts
+            metrics.observe(skipping, None)
 
 
 def take_response_stats(response_id: str) -> SkipStats | None:

@@ -13,7 +13,6 @@ See docs/parallelism.md for why the ranks agree and for what was measured here.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -41,6 +40,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # Eager PP=2 dies at its first request in vLLM 0.32's CPU runner (see docs/parallelism.md);
     # the compiled mode warms up the model, which allocates the intermediate-tensor buffers.
     "pp2": {"pipeline_parallel_size": 2, "enforce_eager": False},
+}
+
+
+#: Environment of an engine configuration's processes. The PP=2 stages see what a worker on
+#: another node sees: the API server's metrics directory (vLLM's multiprocess Prometheus
+#: directory, on the API server's node) does not exist there. Skip counts must not depend
+#: on it (they reach /metrics through the API server, see vllm_ffnskip/metrics.py).
+ENVIRONMENTS: dict[str, dict[str, str]] = {
+    "pp2": {"PROMETHEUS_MULTIPROC_DIR": "/nonexistent/api-server-node/prometheus"},
 }
 
 
@@ -74,15 +82,16 @@ WORKLOADS: dict[str, tuple[list[dict], list[SkipPolicy | None]]] = {
 }
 
 
-def _serve(model: str, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _serve(model: str, config: dict[str, Any], env: dict[str, str]) -> dict[str, dict[str, Any]]:
     """Starts one engine, runs every workload, returns tokens and every rank's counters."""
     world = config.get("tensor_parallel_size", 1) * config.get("pipeline_parallel_size", 1)
-    saved = os.environ.get("VLLM_CPU_OMP_THREADS_BIND")
-    if world == 2:
-        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0|1"
-    else:
-        os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)  # "auto": one worker
-    try:
+    with pytest.MonkeyPatch.context() as environment:  # read by the workers, spawned now
+        if world == 2:
+            environment.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+        else:
+            environment.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)  # "auto": one worker
+        for key, value in env.items():
+            environment.setenv(key, value)
         llm = make_llm(
             model,
             model_impl="ffnskip",
@@ -92,11 +101,6 @@ def _serve(model: str, config: dict[str, Any]) -> dict[str, dict[str, Any]]:
             additional_config={"ffnskip": {"enabled": False}},
             **config,
         )
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_CPU_OMP_THREADS_BIND", None)
-        else:
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = saved
     try:
         results = {}
         for name, (batch, policies) in WORKLOADS.items():
@@ -118,14 +122,17 @@ def tiny_model() -> str:
 
 
 @pytest.fixture(scope="module")
-def served(tiny_model: str) -> Iterator[Callable[[str], dict[str, dict[str, Any]]]]:
-    """``served(name)``: the results of configuration ``name``, serving it on first use."""
-    cache: dict[str, dict[str, dict[str, Any]]] = {}
+def served(tiny_model: str) -> Iterator[Callable[..., dict[str, dict[str, Any]]]]:
+    """``served(name)``: the results of configuration ``name``, serving it on first use;
+    ``served(name, start=2)``: those of a second engine of it, started after the first one
+    had filled vLLM's compile cache (as a restarted server finds it)."""
+    cache: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
 
-    def get(name: str) -> dict[str, dict[str, Any]]:
-        if name not in cache:
-            cache[name] = _serve(tiny_model, CONFIGS[name])
-        return cache[name]
+    def get(name: str, start: int = 1) -> dict[str, dict[str, Any]]:
+        for n in range(1, start + 1):
+            if (name, n) not in cache:
+                cache[name, n] = _serve(tiny_model, CONFIGS[name], ENVIRONMENTS.get(name, {}))
+        return cache[name, start]
 
     yield get
 
@@ -257,3 +264,20 @@ def test_pp2_matches_tp1(served, reference):
             assert c["evaluated"] == (MAX_TOKENS - 1) * NUM_LAYERS // 2
         # The first workload; PP's batch queue drops and re-adds requests between steps.
         assert pp2["skip"]["ranks"][rank]["requests_skipping"] == len(SKIP_PROMPTS)
+
+
+# --- restarts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_restart_on_a_warm_compile_cache(served, name):
+    """Every engine shape started a second time, on the compile cache its first start left
+    (each graph of each pipeline stage loaded from disk where compiled): it starts, and it
+    serves exactly what the first one did, tokens and per-rank counters."""
+    first, second = served(name), served(name, start=2)
+    for workload in WORKLOADS:
+        assert second[workload]["tokens"] == first[workload]["tokens"], workload
+        for rank, (a, b) in enumerate(zip(first[workload]["ranks"], second[workload]["ranks"])):
+            assert a["total"] == b["total"], (workload, rank)
+            assert request_counts(second[workload], rank) == request_counts(
+                first[workload], rank), (workload, rank)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,6 +16,40 @@ def test_unknown_vllm_version_fails_loudly():
     with pytest.raises(patches.UnsupportedVLLMVersion, match="0.99.0"):
         patches.check_vllm_version("0.99.0")
     patches.check_vllm_version("0.32.0")
+
+
+#: Run in a fresh interpreter: vLLM reports a release we have not seen, then the plugin loads.
+FAKED_VERSION = """
+import sys, vllm
+vllm.__version__ = "0.99.0"
+from vllm.engine.arg_utils import EngineArgs
+from vllm.model_executor.models.registry import _ModelRegistry
+from vllm.v1.engine.input_processor import InputProcessor
+from vllm_ffnskip import register
+from vllm_ffnskip.patches import UnsupportedVLLMVersion
+register()
+register()
+assert not getattr(_ModelRegistry.resolve_model_cls, "__ffnskip_patch__", False)
+assert not getattr(InputProcessor.process_inputs, "__ffnskip_patch__", False)
+config = EngineArgs(model=sys.argv[1], skip_tokenizer_init=True).create_engine_config()
+assert config.model_config.model_impl == "auto" and not config.model_config.logits_processors
+assert not config.parallel_config.worker_extension_cls
+try:
+    EngineArgs(model=sys.argv[1], skip_tokenizer_init=True, model_impl="ffnskip").create_engine_config()
+except UnsupportedVLLMVersion as e:
+    print("REFUSED:", e)
+"""
+
+
+def test_unknown_vllm_version_leaves_other_engines_untouched(embedded_model):
+    """On a vLLM release the patches were not written for, the plugin patches nothing: an
+    engine without --model-impl ffnskip is vLLM's own; one with it fails at start, naming
+    the release."""
+    done = subprocess.run([sys.executable, "-c", FAKED_VERSION, embedded_model],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    refused = [line for line in done.stdout.splitlines() if line.startswith("REFUSED:")]
+    assert len(refused) == 1 and "0.99.0" in refused[0] and "--model-impl ffnskip" in refused[0]
 
 
 def test_register_is_idempotent():
@@ -174,3 +209,42 @@ def test_cuda_graphs_never_capture_skip_decisions(mode):
     assert config.splitting_ops == ["vllm::unified_attention_with_output", SKIP_OP]
     assert "ffnskip_mlp" in SKIP_OP and hasattr(torch.ops.vllm, SKIP_OP.split("::")[1])
 
+
+
+def test_counts_of_requests_finishing_together_come_in_one_call():
+    """Requests that finish together share one call for their counts, and requests that
+    finish while a call is out share the next one: 20 at once cost one call; 5 more, then 5
+    while that call is out, cost two."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from vllm_ffnskip.patches.request_stats import CountsFetcher
+
+    calls: list[list[str]] = []
+
+    class Engine:
+        vllm_config = SimpleNamespace(parallel_config=SimpleNamespace(tensor_parallel_size=1))
+
+        async def collective_rpc(self, method, args=()):
+            assert method == "ffnskip_request_stats"
+            (ids,) = args
+            calls.append(ids)
+            await asyncio.sleep(0.05)  # the engine core answers between two steps
+            return [{rid: {"skipped": int(rid), "evaluated": 30} for rid in ids if rid != "7"}]
+
+    async def finish(first: range, later: range) -> list:
+        fetcher = CountsFetcher(Engine())
+        waiting = [asyncio.ensure_future(fetcher.counts(str(i))) for i in first]
+        await asyncio.sleep(0.01)  # a call is out now
+        waiting += [asyncio.ensure_future(fetcher.counts(str(i))) for i in later]
+        return await asyncio.gather(*waiting)
+
+    results = asyncio.run(finish(range(20), range(0)))
+    assert [len(c) for c in calls] == [20]
+    assert results[7] is None  # not a request the workers know as skipping
+    assert [(r.skipped, r.evaluated) for i, r in enumerate(results) if i != 7] == [
+        (i, 30) for i in range(20) if i != 7]
+    calls.clear()
+    results = asyncio.run(finish(range(20, 25), range(25, 30)))
+    assert calls == [[str(i) for i in range(20, 25)], [str(i) for i in range(25, 30)]]
+    assert [r.skipped for r in results] == list(range(20, 30))

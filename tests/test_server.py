@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 
 import openai
@@ -15,15 +14,15 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.server import vllm_server
-from vllm_ffnskip.metrics import FLUSH_INTERVAL_S
 
 XARGS_SKIP = {"ffnskip": 1, "ffnskip_threshold": 0.95}
 
 
 @pytest.fixture(scope="module")
 def client(embedded_model: str) -> Iterator[openai.OpenAI]:
+    # Eager: what these tests check is the HTTP layer; compiled mode is tested offline.
     with vllm_server(
-        embedded_model, "--model-impl", "ffnskip", "--dtype", "float32",
+        embedded_model, "--model-impl", "ffnskip", "--dtype", "float32", "--enforce-eager",
         "--max-model-len", "1024", "--served-model-name", "smollm2",
     ) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
@@ -149,11 +148,11 @@ def test_parallel_samples_sum_into_their_request(client):
     assert skip_field(response)["ffn_blocks_evaluated"] == 2 * 7 * LAYERS
 
 
-def scrape(client: openai.OpenAI) -> dict[str, float]:
-    """Our samples on vLLM's /metrics, by sample name with labels, once the worker has
-    published what it counted so far (it does within FLUSH_INTERVAL_S)."""
-    time.sleep(2 * FLUSH_INTERVAL_S)
-    text = requests.get(str(client.base_url).replace("/v1/", "/metrics"), timeout=10).text
+def scrape(client: openai.OpenAI | str) -> dict[str, float]:
+    """Our samples on vLLM's /metrics (of a client's server, or at a base URL), by sample
+    name with labels. A request is counted before its response is sent."""
+    url = client if isinstance(client, str) else str(client.base_url).replace("/v1/", "")
+    text = requests.get(f"{url.rstrip('/')}/metrics", timeout=10).text
     out = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -185,6 +184,9 @@ def test_metrics_count_what_was_sent(client):
     assert 0 < skipped < evaluated
     assert delta("vllm_ffnskip_requests_total{model_name=smollm2,skipping=true}") == n
     assert delta("vllm_ffnskip_requests_total{model_name=smollm2,skipping=false}") == 1
+    assert delta(f"vllm_ffnskip_request_skip_ratio_count{label}") == n  # each request once
+    # The three requests are the same greedy request: each one's ratio is the total ratio.
+    assert delta(f"vllm_ffnskip_request_skip_ratio_sum{label}") == pytest.approx(skipped / evaluated * n)
 
 
 def server_rss_mib(url: str) -> float:
@@ -268,3 +270,37 @@ def test_load_mixed_concurrent_requests(client):
     evaluated = after[f"vllm_ffnskip_ffn_blocks_evaluated_total{{{label}}}"] - before[
         f"vllm_ffnskip_ffn_blocks_evaluated_total{{{label}}}"]
     assert 0 < skipped < evaluated
+
+
+def test_two_api_servers_count_every_request_once(embedded_model):
+    """``--api-server-count 2``: vLLM's multiprocess Prometheus registry sums both API
+    servers' counts; every scrape, whichever server answers, shows all the traffic, and
+    each response carries its own counts."""
+    n_skip, n_dense, max_tokens = 6, 3, 8
+    with vllm_server(
+        embedded_model, "--model-impl", "ffnskip", "--dtype", "float32", "--enforce-eager",
+        "--max-model-len", "512", "--max-num-seqs", "8", "--served-model-name", "smollm2",
+        "--api-server-count", "2",
+    ) as url:
+        evaluated = 0
+        for i in range(n_skip + n_dense):
+            xargs = {"ffnskip": 1, "ffnskip_threshold": 0.95} if i < n_skip else {"ffnskip": 0}
+            body = {"model": "smollm2", "prompt": LOAD_PROMPTS[i % len(LOAD_PROMPTS)],
+                    "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+                    "vllm_xargs": xargs}
+            # A new connection per request, so the kernel spreads them over both servers.
+            response = requests.post(f"{url}/v1/completions", json=body, timeout=300,
+                                     headers={"Connection": "close"})
+            assert response.status_code == 200, response.text
+            counts = (response.json().get("metrics") or {}).get("ffnskip")
+            assert (counts is None) == (i >= n_skip), i
+            if counts is not None:
+                assert counts["ffn_blocks_evaluated"] == (max_tokens - 1) * LAYERS
+                evaluated += counts["ffn_blocks_evaluated"]
+        label = "model_name=smollm2"
+        for _ in range(6):
+            samples = scrape(url)
+            assert samples[f"vllm_ffnskip_requests_total{{{label},skipping=true}}"] == n_skip
+            assert samples[f"vllm_ffnskip_requests_total{{{label},skipping=false}}"] == n_dense
+            assert samples[f"vllm_ffnskip_ffn_blocks_evaluated_total{{{label}}}"] == evaluated
+            assert samples[f"vllm_ffnskip_request_skip_ratio_count{{{label}}}"] == n_skip

@@ -12,12 +12,14 @@ __all__ = ["PolicyError", "SkipPolicy", "register"]
 
 
 def register() -> None:
-    """Apply the version-guarded patches and register the model class with vLLM."""
+    """Apply the version-guarded patches and register the model class with vLLM (on an
+    unsupported vLLM: only the guard that refuses ``--model-impl ffnskip``)."""
     from vllm import ModelRegistry
 
     from vllm_ffnskip.patches import apply_all
 
-    apply_all()
+    if not apply_all():
+        return
     if "FFNSkipLlamaForCausalLM" not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(
             "FFNSkipLlamaForCausalLM", "vllm_ffnskip.model:FFNSkipLlamaForCausalLM"

@@ -54,14 +54,24 @@ class RequestSkipState:
     cold_start: int
     cold_end: int
     span: int
+    #: First position whose FFN blocks this stay counts. A request that re-enters the batch
+    #: (it was not scheduled for a step, or was preempted and is recomputed) carries its
+    #: outputs so far; the blocks of the tokens before its last one were counted in an
+    #: earlier stay. They are decided again by the same rule (so the recomputed KV equals
+    #: the first one) but not counted twice.
+    counted_from: int = 0
     skipped: int = 0  # FFN blocks skipped so far
     evaluated: int = 0  # FFN blocks (run or skipped) of its decode tokens so far
 
     @classmethod
-    def from_wire(cls, request_id: str, prompt_len: int, wire: dict[str, Any]) -> RequestSkipState:
+    def from_wire(
+        cls, request_id: str, prompt_len: int, wire: dict[str, Any], num_outputs: int = 0
+    ) -> RequestSkipState:
+        """``num_outputs``: tokens the request had generated when it (re-)entered the batch."""
         return cls(
             request_id=request_id,
             prompt_len=prompt_len,
+            counted_from=prompt_len + max(num_outputs - 1, 0),
             thresholds=np.asarray(wire["thresholds"], dtype=np.float32),
             warmup=int(wire["warmup"]),
             cold_start=int(wire["cold_start"]),
@@ -92,8 +102,9 @@ class SkipBatch:
     budget: np.ndarray  # [T] int32
     skipped: np.ndarray  # [T] int32, FFN blocks skipped per token in this pass
     token_rows: np.ndarray  # [T] index into ``states`` (-1: not a skipping request)
+    counted: np.ndarray  # [T] bool: the token's blocks count (see counted_from)
     states: list[RequestSkipState]
-    evaluated: int  # FFN blocks of this pass's decode tokens (counted when it finishes)
+    evaluated: int  # FFN blocks of this pass's counted decode tokens
 
     @classmethod
     def build(
@@ -107,7 +118,8 @@ class SkipBatch:
         """None when no token of this pass may skip (the dense fast path).
 
         Counts the pass's decode tokens as evaluated FFN blocks (``stage_layers`` per token:
-        the layers this pipeline stage runs) whether or not any of them may skip.
+        the layers this pipeline stage runs) whether or not any of them may skip, each
+        token once over the request's stays.
         """
         qsl = query_start_loc.cpu().numpy()
         num_tokens = positions.shape[0]
@@ -122,9 +134,14 @@ class SkipBatch:
         idx = np.flatnonzero(token_rows >= 0)
         state_of = token_rows[idx]
         pos = positions.cpu().numpy()[idx]
-        # Per request: prompt_len, warm-up, span (one small array, indexed once per pass).
-        scalars = np.array([(s.prompt_len, s.warmup, s.span) for s in states])[state_of]
-        decode = pos >= scalars[:, 0]
+        # Per request: prompt_len, warm-up, span, counted_from (one small array, indexed once
+        # per pass).
+        scalars = np.array(
+            [(s.prompt_len, s.warmup, s.span, s.counted_from) for s in states]
+        )[state_of]
+        decode = pos >= scalars[:, 3]
+        counted = np.zeros(num_tokens, dtype=bool)
+        counted[idx] = decode
         decode_tokens = np.bincount(state_of[decode], minlength=len(states))
         for state, n in zip(states, decode_tokens.tolist()):
             state.evaluated += n * stage_layers
@@ -147,6 +164,7 @@ class SkipBatch:
             budget=np.zeros(num_tokens, dtype=np.int32),
             skipped=np.zeros(num_tokens, dtype=np.int32),
             token_rows=token_rows,
+            counted=counted,
             states=states,
             evaluated=evaluated,
         )
@@ -161,7 +179,7 @@ class SkipBatch:
         # Bin 0 holds the tokens of other requests (row -1), which never skip. Few numpy calls:
         # right after the graph each one runs with cold caches (~10 us, measured).
         per_state = np.bincount(
-            self.token_rows + 1, weights=self.skipped, minlength=len(self.states) + 1
+            self.token_rows + 1, weights=self.skipped * self.counted, minlength=len(self.states) + 1
         ).tolist()
         for state, n in zip(self.states, per_state[1:]):
             state.skipped += int(n)

@@ -23,6 +23,7 @@ from vllm_ffnskip import device_skip
 from vllm_ffnskip.batch import SkipBatch
 from vllm_ffnskip.device_skip import DeviceSkipBatch
 from vllm_ffnskip.graph_skip import SkipState
+from vllm_ffnskip.patches.model_impl import key_compile_cache_by_stage
 from vllm_ffnskip.skip_ffn import BATCH_KEY
 from vllm_ffnskip.tracker import SkipPolicyTracker
 
@@ -170,6 +171,7 @@ class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
         self.skip_graph_ready = False
         self.num_layers = vllm_config.model_config.hf_config.num_hidden_layers
         self.stage_layers = range(self.model.start_layer, self.model.end_layer)
+        key_compile_cache_by_stage(vllm_config, self.stage_layers)
         self.skip_state: SkipState | None = None
         if not device_skip.use_device_state():
             self.skip_state = SkipState(

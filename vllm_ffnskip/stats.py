@@ -1,8 +1,8 @@
 """Skip counters: per request and in aggregate, kept in the worker that makes the decisions.
 
-Totals are counted every forward pass (and published as Prometheus metrics, see metrics.py);
-a request's own counters live in its ``RequestSkipState`` while it is in the persistent batch
-and move here when it leaves. Finished records are kept in a bounded buffer (the newest
+Totals are counted every forward pass (for the worker's log line; ``/metrics`` is counted in
+the API server, see metrics.py); a request's own counters live in its ``RequestSkipState``
+while it is in the persistent batch and move here when it leaves. Finished records are kept in a bounded buffer (the newest
 ``MAX_FINISHED``) until a caller collects them, so a server whose callers never ask does not
 grow. The offline API reaches them through ``LLM.collective_rpc("ffnskip_stats")``.
 """
@@ -16,8 +16,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from vllm.logger import init_logger
-
-from vllm_ffnskip.metrics import WorkerSkipMetrics
 
 # Under the "vllm" logger, so vLLM's logging configuration (format, level) applies.
 logger = init_logger(f"vllm.{__name__}")
@@ -55,16 +53,11 @@ class SkipStatsStore:
         self._last_log = time.monotonic()
         #: Requests seen, newest last (bounded): a preempted request re-enters the batch.
         self._seen: OrderedDict[str, None] = OrderedDict()
-        self.metrics: WorkerSkipMetrics | None = None
 
     def count(self, skipped: int, evaluated: int) -> None:
         """FFN blocks of one forward pass."""
         with self._lock:
             self.total.add(skipped, evaluated)
-        if self.metrics is not None:
-            self.metrics.skipped.inc(skipped)
-            self.metrics.evaluated.inc(evaluated)
-            self.metrics.changed()
 
     def admit(self, request_id: str, skipping: bool) -> None:
         """A request entered the persistent batch."""
@@ -75,21 +68,16 @@ class SkipStatsStore:
             if len(self._seen) > MAX_FINISHED:
                 self._seen.popitem(last=False)
             self.requests_skipping += skipping
-        if self.metrics is not None and self.metrics.requests:
-            self.metrics.requests["true" if skipping else "false"].inc()
-            self.metrics.changed()
 
     def record(self, request_id: str, skipped: int, evaluated: int) -> None:
-        """A skipping request left the persistent batch (finished, aborted or preempted)."""
+        """A skipping request left the persistent batch (finished, aborted, preempted or
+        not scheduled for a step): its stays are summed."""
         with self._lock:
             entry = self._finished.pop(request_id, None) or SkipStats()
             entry.add(skipped, evaluated)
             self._finished[request_id] = entry
             while len(self._finished) > MAX_FINISHED:
                 self._finished.popitem(last=False)
-        if self.metrics is not None and self.metrics.request_ratio is not None and evaluated:
-            self.metrics.request_ratio.observe(skipped / evaluated)
-            self.metrics.changed()
         logger.debug(
             "ffnskip request %s: %d/%d FFN blocks skipped", request_id, skipped, evaluated
         )

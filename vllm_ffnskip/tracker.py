@@ -11,14 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
-import os
-
 import torch
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_rank
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
 from vllm_ffnskip.batch import RequestSkipState
-from vllm_ffnskip.metrics import DIR_ENV, WorkerSkipMetrics
 from vllm_ffnskip.policy import REQUEST_ID_KEY, RESOLVED_KEY
 from vllm_ffnskip.stats import STORE, add_counts
 
@@ -35,13 +31,6 @@ class SkipPolicyTracker(LogitsProcessor):
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool):
         self.rows: dict[int, RequestSkipState] = {}
         SkipPolicyTracker.current = self
-        directory = os.environ.get(DIR_ENV)
-        if directory and STORE.metrics is None and get_tensor_model_parallel_rank() == 0:
-            STORE.metrics = WorkerSkipMetrics(
-                directory,
-                vllm_config.model_config.served_model_name,
-                per_request=get_pp_group().is_first_rank,
-            )
 
     def is_argmax_invariant(self) -> bool:
         return True
@@ -60,7 +49,7 @@ class SkipPolicyTracker(LogitsProcessor):
         # the stay of the request that was there.
         for index in batch_update.removed:
             self._release(index)
-        for index, params, prompt_ids, _output_ids in batch_update.added:
+        for index, params, prompt_ids, output_ids in batch_update.added:
             self._release(index)
             extra_args = params.extra_args or {}
             wire = extra_args.get(RESOLVED_KEY)
@@ -68,7 +57,9 @@ class SkipPolicyTracker(LogitsProcessor):
             skipping = wire is not None and prompt_ids is not None
             STORE.admit(request_id, skipping)
             if skipping:
-                self.rows[index] = RequestSkipState.from_wire(request_id, len(prompt_ids), wire)
+                self.rows[index] = RequestSkipState.from_wire(
+                    request_id, len(prompt_ids), wire, num_outputs=len(output_ids or ())
+                )
         for a, b, direction in batch_update.moved:
             if direction == MoveDirectionality.SWAP:
                 state_a, state_b = self.rows.pop(a, None), self.rows.pop(b, None)
