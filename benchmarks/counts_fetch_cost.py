@@ -56,7 +56,7 @@ def main() -> None:
              "--random-input-len", str(args.input_len),
              "--random-output-len", str(args.output_len),
              "--num-prompts", str(args.num_prompts), "--max-concurrency", str(args.concurrency),
-             "--ignore-eos", "--extra-body", json.dumps({"vllm_xargs": {"ffnskip": 1}}),
+             "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el", "--extra-body", json.dumps({"vllm_xargs": {"ffnskip": 1}}),
              "--save-result", "--result-dir", out, "--result-filename", "bench.json"],
             check=True,
         )  # fmt: skip

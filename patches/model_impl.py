@@ -121,6 +121,7 @@ def _create_engine_config(original, self, usage_context=None, *args, **kwargs):
     if not is_ffnskip(model_config):
         return vllm_config
     _check_architecture(list(getattr(model_config.hf_config, "architectures", None) or []))
+    _check_features(vllm_config)
     if vllm_config.use_v2_model_runner:
         raise ValueError(
             f"--model-impl {MODEL_IMPL} follows requests through the V1 model runner's "
@@ -151,6 +152,22 @@ def _create_engine_config(original, self, usage_context=None, *args, **kwargs):
     elif usage_context == UsageContext.LLM_CLASS:
         request_stats.apply_offline()
     return vllm_config
+
+
+def _check_features(vllm_config: Any) -> None:
+    """Refuse, at start, what skipping would silently get wrong."""
+    if vllm_config.speculative_config is not None:
+        raise ValueError(
+            f"--model-impl {MODEL_IMPL} does not support speculative decoding: vLLM's "
+            "speculative decoding drops the logits processor that tells the model which "
+            "request sits in which batch row. Serve without --speculative-config."
+        )
+    if vllm_config.lora_config is not None and current_platform.is_cuda_alike():
+        raise ValueError(
+            f"--model-impl {MODEL_IMPL} does not support LoRA on GPUs: the skip-aware Triton "
+            "FFN reads the base weights only and would drop the adapters. Serve without "
+            "--enable-lora."
+        )
 
 
 def graph_safe_cuda(config: CompilationConfig) -> None:

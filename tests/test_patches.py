@@ -248,3 +248,25 @@ def test_counts_of_requests_finishing_together_come_in_one_call():
     results = asyncio.run(finish(range(20, 25), range(25, 30)))
     assert calls == [[str(i) for i in range(20, 25)], [str(i) for i in range(25, 30)]]
     assert [r.skipped for r in results] == list(range(20, 30))
+
+
+def test_speculative_decoding_is_refused_at_start(embedded_model):
+    with pytest.raises(ValueError, match="speculative decoding"):
+        engine_config(embedded_model, model_impl="ffnskip", speculative_config={
+            "method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3})
+    engine_config(embedded_model, speculative_config={  # without the flag, vLLM's own
+        "method": "ngram", "num_speculative_tokens": 2, "prompt_lookup_max": 3})
+
+
+def test_lora_is_refused_on_gpus(embedded_model, monkeypatch):
+    """The Triton FFN would drop LoRA adapters: refused at start on a CUDA-like platform."""
+    from types import SimpleNamespace
+
+    from vllm_ffnskip.patches import model_impl
+
+    config = SimpleNamespace(speculative_config=None, lora_config=object())
+    monkeypatch.setattr(model_impl, "current_platform", SimpleNamespace(is_cuda_alike=lambda: True))
+    with pytest.raises(ValueError, match="LoRA"):
+        model_impl._check_features(config)
+    monkeypatch.setattr(model_impl, "current_platform", SimpleNamespace(is_cuda_alike=lambda: False))
+    model_impl._check_features(config)  # the CPU graph calls the module's MLP, LoRA wrappers and all
