@@ -40,9 +40,8 @@ class CompensatedMLP(_SkippableMLP):
             cls.energy[self.layer] += f.double().pow(2).sum()
             cls.tokens += self.layer == 0
             return f
-        st, p = self.state, self.state.policy
-        hot = st.active and p.cold_start <= self.layer < st.num_layers - p.cold_end
-        if hot and st.budget > 0 and cls.mean is not None:
+        st = self.state
+        if self.hot and st.budget > 0 and cls.mean is not None:
             st.budget -= 1
             st.skipped += 1
             return cls.mean[self.layer].to(x.dtype).expand_as(x).clone()

@@ -34,10 +34,16 @@ class _SkippableMLP(nn.Module):
         self.state = state
         self.h: torch.Tensor | None = None
 
+    @property
+    def hot(self) -> bool:
+        """The current token may skip this layer: a decode token past warm-up, and the layer
+        outside the policy's cold regions."""
+        st, p = self.state, self.state.policy
+        return st.active and p.cold_start <= self.layer < st.num_layers - p.cold_end
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         st, p, l = self.state, self.state.policy, self.layer
-        hot = st.active and p.cold_start <= l < st.num_layers - p.cold_end
-        if not hot:
+        if not self.hot:
             st.budget = 0
             return self.mlp(x)
         if st.budget > 0:
