@@ -120,21 +120,25 @@ async def _generate(original, self, prompt, sampling_params, request_id, *args, 
         async for output in original(self, prompt, sampling_params, request_id, *args, **kwargs):
             started = True
             if output.finished and not observed:
-                stats = None
-                if skipping:
-                    start = time.perf_counter()
-                    stats = await _fetcher(self).counts(request_id)
-                    metrics.fetch_seconds.observe(time.perf_counter() - start)
-                    if stats is not None:
-                        _FINISHED[request_id] = stats
-                        while len(_FINISHED) > _MAX_FINISHED:
-                            _FINISHED.popitem(last=False)
+                stats = await _finished_counts(self, request_id, metrics) if skipping else None
                 metrics.observe(skipping, stats)
                 observed = True
             yield output
     finally:
         if started and not observed:  # aborted mid-generation: a request, without counts
             metrics.observe(skipping, None)
+
+
+async def _finished_counts(engine: Any, request_id: str, metrics: Any) -> SkipStats | None:
+    """A finished skipping request's counts, kept for its response (``take_response_stats``)."""
+    start = time.perf_counter()
+    stats = await _fetcher(engine).counts(request_id)
+    metrics.fetch_seconds.observe(time.perf_counter() - start)
+    if stats is not None:
+        _FINISHED[request_id] = stats
+        while len(_FINISHED) > _MAX_FINISHED:
+            _FINISHED.popitem(last=False)
+    return stats
 
 
 def take_response_stats(response_id: str) -> SkipStats | None:

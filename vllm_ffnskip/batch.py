@@ -139,10 +139,8 @@ class SkipBatch:
         scalars = np.array(
             [(s.prompt_len, s.warmup, s.span, s.counted_from) for s in states]
         )[state_of]
-        decode = pos >= scalars[:, 3]
-        counted = np.zeros(num_tokens, dtype=bool)
-        counted[idx] = decode
-        decode_tokens = np.bincount(state_of[decode], minlength=len(states))
+        counted = pos >= scalars[:, 3]  # decode tokens not counted in an earlier stay
+        decode_tokens = np.bincount(state_of[counted], minlength=len(states))
         for state, n in zip(states, decode_tokens.tolist()):
             state.evaluated += n * stage_layers
         evaluated = int(decode_tokens.sum()) * stage_layers
@@ -157,6 +155,8 @@ class SkipBatch:
         thresholds[idx] = np.stack([s.thresholds for s in states])[state_of]
         span = np.zeros(num_tokens, dtype=np.int32)
         span[idx] = scalars[:, 2]
+        counted_tokens = np.zeros(num_tokens, dtype=bool)
+        counted_tokens[idx] = counted
         return cls(
             hot=hot,
             thresholds=thresholds,
@@ -164,7 +164,7 @@ class SkipBatch:
             budget=np.zeros(num_tokens, dtype=np.int32),
             skipped=np.zeros(num_tokens, dtype=np.int32),
             token_rows=token_rows,
-            counted=counted,
+            counted=counted_tokens,
             states=states,
             evaluated=evaluated,
         )

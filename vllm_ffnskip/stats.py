@@ -2,9 +2,9 @@
 
 Totals are counted every forward pass (for the worker's log line; ``/metrics`` is counted in
 the API server, see metrics.py); a request's own counters live in its ``RequestSkipState``
-while it is in the persistent batch and move here when it leaves. Finished records are kept in a bounded buffer (the newest
-``MAX_FINISHED``) until a caller collects them, so a server whose callers never ask does not
-grow. The offline API reaches them through ``LLM.collective_rpc("ffnskip_stats")``.
+while it is in the persistent batch and move here when it leaves. Finished records are kept
+in a bounded buffer (the newest ``MAX_FINISHED``) until a caller collects them, so a server
+whose callers never ask does not grow. The offline API reaches them through ``LLM.collective_rpc("ffnskip_stats")``.
 """
 
 from __future__ import annotations
