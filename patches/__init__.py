@@ -17,9 +17,11 @@ Catalogue (patched symbol — why — how — upstream change that would retire 
   other architectures fail. Retire when vLLM lets plugins register model implementations.
 - ``EngineArgs.create_engine_config`` (model_impl.py) — the server default policy
   (``--additional-config``) must fail at start, not at the first request, and the worker
-  needs the ``SkipPolicyTracker`` only on ffnskip servers. How: validates the policy,
-  adds the tracker to ``model_config.logits_processors`` and puts ``compile_key()`` (our
-  source and skip path) into ``additional_config``, which vLLM hashes into its compile-cache
+  needs the ``SkipPolicyTracker`` only on ffnskip servers under the V1 runner. How:
+  validates the policy, refuses what skipping would get wrong (speculative decoding; on
+  CUDA, LoRA and the V1 runner), adds the tracker to ``model_config.logits_processors``
+  under V1 and puts ``compile_key()`` (our source and a forced masked-MLP form) into
+  ``additional_config``, which vLLM hashes into its compile-cache
   keys: otherwise a changed plugin can load graphs compiled from the old one. Retire with a per-model hook for
   config validation and default logits processors.
 - ``InputProcessor.process_inputs`` (request_policy.py) — per-request policy must be
@@ -53,7 +55,7 @@ import importlib
 from packaging.version import Version
 
 #: vLLM releases these patches were written and tested against: [low, high).
-SUPPORTED_VLLM = (Version("0.32.0"), Version("0.33.0"))
+SUPPORTED_VLLM = (Version("0.32.0"), Version("0.34.0"))
 
 _MODULES = ("model_impl", "request_policy", "prefix_cache")  # request_stats: see its apply()
 _applied = False

@@ -8,9 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vllm.config import CompilationConfig, CUDAGraphMode
 from vllm.engine.arg_utils import EngineArgs
-from vllm.logger import init_logger
 from vllm.model_executor.models.registry import _ModelRegistry
 from vllm.platforms import current_platform
 from vllm.usage.usage_lib import UsageContext
@@ -18,11 +16,7 @@ from vllm.usage.usage_lib import UsageContext
 from vllm_ffnskip.patches._wrap import wrap_method
 from vllm_ffnskip.policy import PolicyError, SkipPolicy, parse_server_config
 
-logger = init_logger(f"vllm.{__name__}")
-
 MODEL_IMPL = "ffnskip"
-#: The skip-aware FFN op (vllm_ffnskip/skip_ffn.py), by its torch.ops name.
-SKIP_OP = "vllm::ffnskip_mlp"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 TRACKER = "vllm_ffnskip.tracker:SkipPolicyTracker"
 #: ``additional_config`` key of compile_key(), set on every ffnskip engine.
@@ -68,8 +62,8 @@ def server_policy(vllm_config: Any) -> SkipPolicy:
 
 @functools.lru_cache(maxsize=1)
 def compile_key() -> str:
-    """What our compiled graphs depend on beyond vLLM's config: the plugin's source and the
-    skip path (graph rule or device-state op).
+    """What our compiled graphs depend on beyond vLLM's config: the plugin's source and a
+    forced masked-MLP form (masked_mlp.FORM_ENV).
 
     vLLM keys its compile caches by its own version and config; on load it re-checks only
     the sources dynamo traced, and its piecewise cache inside is keyed by graph index. A
@@ -77,10 +71,12 @@ def compile_key() -> str:
     the skip graph's inputs: ``not enough values to unpack (expected 41, got 40)``). vLLM
     hashes ``additional_config`` into every compile-cache key, so this goes there.
     """
-    import vllm_ffnskip
-    from vllm_ffnskip import device_skip
+    import os
 
-    digest = hashlib.sha256(str(device_skip.use_device_state()).encode())
+    import vllm_ffnskip
+    from vllm_ffnskip.masked_mlp import FORM_ENV
+
+    digest = hashlib.sha256(os.environ.get(FORM_ENV, "").encode())
     # This package and the patches (a sibling folder in a source checkout, inside it when
     # installed).
     for root in sorted({Path(vllm_ffnskip.__file__).parent, Path(__file__).parent}):
@@ -122,20 +118,18 @@ def _create_engine_config(original, self, usage_context=None, *args, **kwargs):
         return vllm_config
     _check_architecture(list(getattr(model_config.hf_config, "architectures", None) or []))
     _check_features(vllm_config)
-    if vllm_config.use_v2_model_runner:
-        raise ValueError(
-            f"--model-impl {MODEL_IMPL} follows requests through the V1 model runner's "
-            "logits-processor interface; set VLLM_USE_V2_MODEL_RUNNER=0."
-        )
     try:
         server_policy(vllm_config)
     except PolicyError as e:
         raise ValueError(f"invalid --additional-config for ffnskip: {e}") from e
     if isinstance(vllm_config.additional_config, dict):
         vllm_config.additional_config = {**vllm_config.additional_config, COMPILE_KEY: compile_key()}
-    processors = list(model_config.logits_processors or [])
-    if TRACKER not in processors:
-        model_config.logits_processors = processors + [TRACKER]
+    if not vllm_config.use_v2_model_runner:
+        # V1 follows requests through a logits processor; V2 through the model's state
+        # (FFNSkipLlamaForCausalLM.get_model_state_cls) and refuses V1 logits processors.
+        processors = list(model_config.logits_processors or [])
+        if TRACKER not in processors:
+            model_config.logits_processors = processors + [TRACKER]
     parallel_config = vllm_config.parallel_config
     if parallel_config.worker_extension_cls not in ("", WORKER_EXTENSION):
         raise ValueError(
@@ -143,8 +137,6 @@ def _create_engine_config(original, self, usage_context=None, *args, **kwargs):
             f"got {parallel_config.worker_extension_cls!r}"
         )
     parallel_config.worker_extension_cls = WORKER_EXTENSION
-    if current_platform.is_cuda_alike():
-        graph_safe_cuda(vllm_config.compilation_config)
     from vllm_ffnskip.patches import request_stats
 
     if usage_context == UsageContext.OPENAI_API_SERVER:
@@ -158,9 +150,15 @@ def _check_features(vllm_config: Any) -> None:
     """Refuse, at start, what skipping would silently get wrong."""
     if vllm_config.speculative_config is not None:
         raise ValueError(
-            f"--model-impl {MODEL_IMPL} does not support speculative decoding: vLLM's "
-            "speculative decoding drops the logits processor that tells the model which "
-            "request sits in which batch row. Serve without --speculative-config."
+            f"--model-impl {MODEL_IMPL} does not support speculative decoding: the skip "
+            "rule is defined and tested for one decode token per request per step, not for "
+            "verifying draft tokens. Serve without --speculative-config."
+        )
+    if current_platform.is_cuda_alike() and not vllm_config.use_v2_model_runner:
+        raise ValueError(
+            f"--model-impl {MODEL_IMPL} runs on GPUs under vLLM's V2 model runner, vLLM's "
+            "default there: a V1 full CUDA graph would replay the host routing it captured. "
+            "Unset VLLM_USE_V2_MODEL_RUNNER=0."
         )
     if vllm_config.lora_config is not None and current_platform.is_cuda_alike():
         raise ValueError(
@@ -168,26 +166,6 @@ def _check_features(vllm_config: Any) -> None:
             "FFN reads the base weights only and would drop the adapters. Serve without "
             "--enable-lora."
         )
-
-
-def graph_safe_cuda(config: CompilationConfig) -> None:
-    """CUDA graphs: piecewise only, with the skip-aware FFN op as a splitting op.
-
-    The op decides per pass on the host which tokens skip, and the model chooses per pass
-    between its dense and skip graphs: a replay runs no Python, so a captured FULL graph or
-    a captured op would repeat the capture's (dense) decisions forever. As a splitting op it
-    runs eagerly between captured pieces, as attention does; dense passes keep vLLM's
-    piecewise graphs.
-    """
-    if config.cudagraph_mode.has_full_cudagraphs():
-        logger.warning(
-            "--model-impl %s: cudagraph_mode %s -> PIECEWISE (skip decisions are made per "
-            "pass on the host; a full CUDA graph would replay the captured ones)",
-            MODEL_IMPL, config.cudagraph_mode.name,
-        )
-        config.cudagraph_mode = CUDAGraphMode.PIECEWISE
-    if config.splitting_ops is not None and SKIP_OP not in config.splitting_ops:
-        config.splitting_ops.append(SKIP_OP)
 
 
 def apply() -> None:

@@ -15,7 +15,7 @@ from vllm import SamplingParams
 
 from tests.conftest import PROMPTS, close_llm, make_llm
 from tests.reference import SkipReference
-from vllm_ffnskip.device_skip import FORCE_ENV
+from vllm_ffnskip.masked_mlp import FORM_ENV
 from vllm_ffnskip.policy import SkipPolicy
 from vllm_ffnskip.stats import collect_request_stats
 
@@ -86,28 +86,28 @@ def assert_matches_reference(llm, embedded_model: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def device_state_llm(embedded_model: str) -> Iterator[object]:
-    """An engine running the accelerator path (device-resident state, masked FFN) on the CPU."""
+def mask_form_llm(embedded_model: str) -> Iterator[object]:
+    """An engine running the GPU's graph on the CPU: the rule with a fixed-shape masked MLP,
+    no torch.cond (the module's MLP in place of the GPU's kernel op, masked_mlp.py)."""
     with pytest.MonkeyPatch.context() as env:
-        env.setenv(FORCE_ENV, "1")  # read by the engine's worker, spawned now
+        env.setenv(FORM_ENV, "mask")  # read by the engine's worker, spawned now
         llm = make_llm(embedded_model, model_impl="ffnskip", additional_config={
             "ffnskip": {"enabled": False, "warmup": 2, "cold_start": 2, "cold_end": 2}})
     yield llm
     close_llm(llm)
 
 
-def test_device_state_path_matches_reference(device_state_llm, embedded_model):
-    """The sync-free path used on GPUs follows the same rule, token for token and count for
-    count."""
-    assert_matches_reference(device_state_llm, embedded_model)
+def test_mask_form_matches_reference(mask_form_llm, embedded_model):
+    """The graph used on GPUs follows the same rule, token for token and count for count."""
+    assert_matches_reference(mask_form_llm, embedded_model)
 
 
-def test_device_state_path_equals_graph_path_in_mixed_batches(device_state_llm, skip_llm):
+def test_mask_form_equals_cond_form_in_mixed_batches(mask_form_llm, skip_llm):
     params = [greedy({"ffnskip": 0} if i % 3 == 0 else {
         "ffnskip": 1, "ffnskip_threshold": 0.95 + i / 200, "ffnskip_span": 1 + i % 2})
         for i in range(8)]
     results = []
-    for llm in (skip_llm, device_state_llm):
+    for llm in (skip_llm, mask_form_llm):
         outputs = llm.generate(PROMPTS[:8], params)
         stats = collect_request_stats(llm)["requests"]
         counts = [stats.get(o.request_id, {}).get("skipped", 0) for o in outputs]

@@ -13,9 +13,11 @@ from vllm_ffnskip import patches
 
 
 def test_unknown_vllm_version_fails_loudly():
-    with pytest.raises(patches.UnsupportedVLLMVersion, match="0.99.0"):
-        patches.check_vllm_version("0.99.0")
-    patches.check_vllm_version("0.32.0")
+    for version in ("0.99.0", "0.34.0", "0.31.2"):
+        with pytest.raises(patches.UnsupportedVLLMVersion, match=version):
+            patches.check_vllm_version(version)
+    for version in ("0.32.0", "0.33.0", "0.33.1+cu130"):  # the CUDA release read for 0.33
+        patches.check_vllm_version(version)
 
 
 #: Run in a fresh interpreter: vLLM reports a release we have not seen, then the plugin loads.
@@ -106,7 +108,7 @@ def test_ffnskip_resolves_llama_to_our_class(embedded_model):
 def test_compile_cache_key_covers_the_plugin(embedded_model, monkeypatch):
     """vLLM hashes additional_config into its compile-cache keys: ffnskip engines carry a key
     of our source and skip path there, so a changed plugin never loads stale graphs."""
-    from vllm_ffnskip.device_skip import FORCE_ENV
+    from vllm_ffnskip.masked_mlp import FORM_ENV
     from vllm_ffnskip.patches import model_impl
 
     config = engine_config(embedded_model, model_impl="ffnskip")
@@ -118,7 +120,7 @@ def test_compile_cache_key_covers_the_plugin(embedded_model, monkeypatch):
     config.additional_config[model_impl.COMPILE_KEY] = "another plugin"
     assert config.compute_hash() != digest  # vLLM's compile caches see the key
     model_impl.compile_key.cache_clear()
-    monkeypatch.setenv(FORCE_ENV, "1")  # the device-state path traces other graphs
+    monkeypatch.setenv(FORM_ENV, "mask")  # another masked-MLP form traces other graphs
     try:
         assert model_impl.compile_key() != key
     finally:
@@ -193,22 +195,35 @@ def test_response_stats_match_only_their_own_requests():
 
 
 @pytest.mark.parametrize("mode", ["FULL_AND_PIECEWISE", "FULL", "FULL_DECODE_ONLY", "PIECEWISE"])
-def test_cuda_graphs_never_capture_skip_decisions(mode):
-    """On CUDA, captured graphs must not contain the per-pass skip decisions: full graphs
-    become piecewise and the skip-aware op becomes a splitting op (runs between pieces)."""
-    from vllm.config import CompilationConfig, CUDAGraphMode
+def test_cuda_engine_keeps_vllm_graph_settings(embedded_model, monkeypatch, mode):
+    """On a CUDA-like platform under the V2 runner (vLLM's default there), an ffnskip engine
+    config keeps vLLM's CUDA-graph mode and splitting ops, loads no V1 logits processor and
+    asks for no V1 runner; forcing V1 there is refused at start, naming the variable."""
+    from vllm.config import CUDAGraphMode, VllmConfig
+    from vllm.platforms import current_platform
 
-    import vllm_ffnskip.skip_ffn  # noqa: F401  (registers the op)
-    from vllm_ffnskip.patches.model_impl import SKIP_OP, graph_safe_cuda
+    from vllm_ffnskip.patches import model_impl
 
-    config = CompilationConfig(cudagraph_mode=CUDAGraphMode[mode],
-                               splitting_ops=["vllm::unified_attention_with_output"])
-    graph_safe_cuda(config)
-    graph_safe_cuda(config)  # idempotent
-    assert config.cudagraph_mode == CUDAGraphMode.PIECEWISE
-    assert config.splitting_ops == ["vllm::unified_attention_with_output", SKIP_OP]
-    assert "ffnskip_mlp" in SKIP_OP and hasattr(torch.ops.vllm, SKIP_OP.split("::")[1])
+    splitting_ops = ["vllm::unified_attention_with_output"]
+    base = engine_config(embedded_model)  # vLLM's own config, as the platform made it
+    base.model_config.model_impl = "ffnskip"
+    base.compilation_config.cudagraph_mode = CUDAGraphMode[mode]
+    base.compilation_config.splitting_ops = list(splitting_ops)
+    monkeypatch.setattr(current_platform, "is_cuda_alike", lambda: True)
+    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
+    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: True))
+    config = model_impl._create_engine_config(lambda self, usage_context: base, None)
+    assert config.compilation_config.cudagraph_mode == CUDAGraphMode[mode]
+    assert config.compilation_config.splitting_ops == splitting_ops
+    assert not config.model_config.logits_processors
+    assert config.parallel_config.worker_extension_cls == model_impl.WORKER_EXTENSION
+    from vllm_ffnskip.model import FFNSkipLlamaForCausalLM
+    from vllm_ffnskip.model_state import FFNSkipModelState
 
+    assert FFNSkipLlamaForCausalLM.get_model_state_cls() is FFNSkipModelState
+    monkeypatch.setattr(VllmConfig, "use_v2_model_runner", property(lambda self: False))
+    with pytest.raises(ValueError, match="VLLM_USE_V2_MODEL_RUNNER"):
+        model_impl._create_engine_config(lambda self, usage_context: base, None)
 
 
 def test_counts_of_requests_finishing_together_come_in_one_call():
@@ -264,7 +279,7 @@ def test_lora_is_refused_on_gpus(embedded_model, monkeypatch):
 
     from vllm_ffnskip.patches import model_impl
 
-    config = SimpleNamespace(speculative_config=None, lora_config=object())
+    config = SimpleNamespace(speculative_config=None, lora_config=object(), use_v2_model_runner=True)
     monkeypatch.setattr(model_impl, "current_platform", SimpleNamespace(is_cuda_alike=lambda: True))
     with pytest.raises(ValueError, match="LoRA"):
         model_impl._check_features(config)

@@ -1,8 +1,8 @@
 """Skip counters: per request and in aggregate, kept in the worker that makes the decisions.
 
-Totals are counted every forward pass (for the worker's log line; ``/metrics`` is counted in
-the API server, see metrics.py); a request's own counters live in its ``RequestSkipState``
-while it is in the persistent batch and move here when it leaves. Finished records are kept
+A request's counters live on the model's device (skip_state.py) while it is in the batch and
+move here when it leaves; the totals (for the worker's log line; ``/metrics`` is counted in
+the API server, see metrics.py) grow then too. Finished records are kept
 in a bounded buffer (the newest ``MAX_FINISHED``) until a caller collects them, so a server
 whose callers never ask does not grow. The offline API reaches them through ``LLM.collective_rpc("ffnskip_stats")``.
 """
@@ -54,11 +54,6 @@ class SkipStatsStore:
         #: Requests seen, newest last (bounded): a preempted request re-enters the batch.
         self._seen: OrderedDict[str, None] = OrderedDict()
 
-    def count(self, skipped: int, evaluated: int) -> None:
-        """FFN blocks of one forward pass."""
-        with self._lock:
-            self.total.add(skipped, evaluated)
-
     def admit(self, request_id: str, skipping: bool) -> None:
         """A request entered the persistent batch."""
         with self._lock:
@@ -73,6 +68,7 @@ class SkipStatsStore:
         """A skipping request left the persistent batch (finished, aborted, preempted or
         not scheduled for a step): its stays are summed."""
         with self._lock:
+            self.total.add(skipped, evaluated)
             entry = self._finished.pop(request_id, None) or SkipStats()
             entry.add(skipped, evaluated)
             self._finished[request_id] = entry

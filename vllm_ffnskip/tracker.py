@@ -4,32 +4,40 @@ vLLM's V1 logits-processor interface is the supported channel that tells a worke
 every forward pass, which request sits in which batch row with which ``SamplingParams``
 (``update_state(BatchUpdate)``). The tracker uses it for exactly that and never touches
 logits. It is added to ``model_config.logits_processors`` only when the server runs
-``--model-impl ffnskip`` (see patches/model_impl.py), so other servers never load it.
+``--model-impl ffnskip`` under the V1 runner (the CPU; see patches/model_impl.py), so other
+servers never load it. Under the V2 runner the model state does this (model_state.py).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from vllm_ffnskip.batch import RequestSkipState
 from vllm_ffnskip.policy import REQUEST_ID_KEY, RESOLVED_KEY
-from vllm_ffnskip.stats import STORE, add_counts
+from vllm_ffnskip.skip_state import RequestSkipState, SkipState
+from vllm_ffnskip.stats import STORE
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 
 class SkipPolicyTracker(LogitsProcessor):
-    """Batch row -> ``RequestSkipState`` for every request that has skipping on."""
+    """Batch row -> ``SkipState`` slot for every request that has skipping on.
 
-    #: The tracker of this worker process; the skip-aware FFN reads its rows.
+    A request keeps its slot for its whole stay, while V1 moves it between rows (condensing
+    and swaps), so its counters on the device never move. The model's ``SkipState`` exists
+    once the first batch arrives (the tracker is built with the runner, before the model).
+    """
+
+    #: The tracker of this worker process; the model routes its rows.
     current: ClassVar[SkipPolicyTracker | None] = None
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool):
-        self.rows: dict[int, RequestSkipState] = {}
+        self.rows: dict[int, int] = {}
+        self._free: list[int] | None = None
         SkipPolicyTracker.current = self
 
     def is_argmax_invariant(self) -> bool:
@@ -42,6 +50,15 @@ class SkipPolicyTracker(LogitsProcessor):
         STORE.maybe_log()
         if batch_update is not None:
             self._apply(batch_update)
+
+    @property
+    def skip_state(self) -> SkipState:
+        state = SkipState.current
+        if state is None:
+            raise RuntimeError("ffnskip: the tracker got requests before the model was built")
+        if self._free is None:
+            self._free = list(range(state.no_slot - 1, -1, -1))
+        return state
 
     def _apply(self, batch_update: BatchUpdate) -> None:
         # A removed row is listed only while nothing refills it: an added request, or a
@@ -57,29 +74,33 @@ class SkipPolicyTracker(LogitsProcessor):
             skipping = wire is not None and prompt_ids is not None
             STORE.admit(request_id, skipping)
             if skipping:
-                self.rows[index] = RequestSkipState.from_wire(
+                skip_state = self.skip_state
+                slot = self._free.pop()
+                skip_state.admit(slot, RequestSkipState.from_wire(
                     request_id, len(prompt_ids), wire, num_outputs=len(output_ids or ())
-                )
+                ))
+                self.rows[index] = slot
         for a, b, direction in batch_update.moved:
             if direction == MoveDirectionality.SWAP:
-                state_a, state_b = self.rows.pop(a, None), self.rows.pop(b, None)
-                if state_b is not None:
-                    self.rows[a] = state_b
+                slot_a, slot_b = self.rows.pop(a, None), self.rows.pop(b, None)
+                if slot_b is not None:
+                    self.rows[a] = slot_b
             else:
                 self._release(b)
-                state_a = self.rows.pop(a, None)
-            if state_a is not None:
-                self.rows[b] = state_a
+                slot_a = self.rows.pop(a, None)
+            if slot_a is not None:
+                self.rows[b] = slot_a
 
     def _release(self, index: int) -> None:
-        state = self.rows.pop(index, None)
-        if state is not None:
-            STORE.record(state.request_id, state.skipped, state.evaluated)
+        slot = self.rows.pop(index, None)
+        if slot is not None:
+            self.skip_state.release(slot)
+            self._free.append(slot)
 
-    def snapshot(self) -> dict[str, dict[str, int]]:
-        """Counts of the skipping requests now in the batch, by request id (the parallel
-        samples of one request, ``n > 1``, share its id and are summed)."""
-        counts: dict[str, dict[str, int]] = {}
-        for s in self.rows.values():
-            add_counts(counts, {s.request_id: {"skipped": s.skipped, "evaluated": s.evaluated}})
-        return counts
+    def batch_slots(self, num_reqs: int) -> np.ndarray:
+        """Slot of each of the pass's first ``num_reqs`` rows (``no_slot``: not skipping)."""
+        slots = np.full(num_reqs, self.skip_state.no_slot, dtype=np.int64)
+        for row, slot in self.rows.items():
+            if row < num_reqs:  # else not scheduled in this step
+                slots[row] = slot
+        return slots

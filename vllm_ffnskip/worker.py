@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
-from vllm_ffnskip.stats import RECORDER, STORE, add_counts
-from vllm_ffnskip.tracker import SkipPolicyTracker
+from vllm_ffnskip.skip_state import SkipState
+from vllm_ffnskip.stats import RECORDER, STORE, SkipStats, add_counts
 
 
 class FFNSkipWorkerExtension:
@@ -15,14 +15,17 @@ class FFNSkipWorkerExtension:
     def ffnskip_stats(self) -> dict[str, Any]:
         """Hands over the records of requests that left the batch, the current counts of
         those still in it (a finished request leaves the batch only at the next step), and
-        this worker's totals."""
-        tracker = SkipPolicyTracker.current
-        live = tracker.snapshot() if tracker is not None else {}
+        this worker's totals (theirs included)."""
+        skip_state = SkipState.current
+        live = skip_state.snapshot() if skip_state is not None else {}
         requests = STORE.pop_finished()
         add_counts(requests, live)  # a preempted request may be in both
+        total = SkipStats(STORE.total.skipped, STORE.total.evaluated)
+        for counts in live.values():
+            total.add(counts["skipped"], counts["evaluated"])
         return {
             "requests": requests,
-            "total": asdict(STORE.total),
+            "total": asdict(total),
             "requests_skipping": STORE.requests_skipping,
             "in_batch": len(live),
         }
@@ -34,8 +37,8 @@ class FFNSkipWorkerExtension:
         unless ``hand_over`` is false) plus the current counts of those still in it (a
         request that just finished leaves the batch at the next step, after its counts are
         final)."""
-        tracker = SkipPolicyTracker.current
-        live = tracker.snapshot() if tracker is not None else {}
+        skip_state = SkipState.current
+        live = skip_state.snapshot() if skip_state is not None else {}
         requests = STORE.pop_finished(request_ids, keep=not hand_over)
         add_counts(requests, {rid: live[rid] for rid in request_ids if rid in live})
         return requests

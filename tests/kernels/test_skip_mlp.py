@@ -85,6 +85,30 @@ def test_dispatcher_uses_reference_off_cuda() -> None:
     assert torch.equal(skip_mlp(x, active, w_gate_up, w_down), expected)
 
 
+@pytest.mark.parametrize("mask", ["none", "all", "mixed"])
+def test_masked_mlp_op_writes_into_its_output(mask: str) -> None:
+    """The graph's custom op (vllm::ffnskip_masked_mlp) writes into the output it is given,
+    called eagerly and traced (functionalized, as torch.compile sees it)."""
+    from vllm_ffnskip import masked_mlp  # noqa: F401  (registers the op)
+
+    w_gate_up, w_down = _weights(16, 32)
+    x = torch.randn(5, 16)
+    active = {"none": torch.ones(5, dtype=torch.bool), "all": torch.zeros(5, dtype=torch.bool),
+              "mixed": torch.tensor([True, False, True, False, False])}[mask]
+    expected = skip_mlp_reference(x, active, w_gate_up, w_down)
+    out = torch.full_like(x, float("nan"))
+    torch.ops.vllm.ffnskip_masked_mlp(out, x, active, w_gate_up, w_down)
+    assert torch.equal(out, expected)
+
+    def traced(x: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(x)
+        torch.ops.vllm.ffnskip_masked_mlp(out, x, active, w_gate_up, w_down)
+        return out
+
+    compiled = torch.compile(traced, backend="aot_eager", fullgraph=True)
+    assert torch.equal(compiled(x, active), expected)
+
+
 @pytest.mark.parametrize("bad", ["active_shape", "active_dtype", "w_down_shape", "dtype_mismatch"])
 def test_reference_rejects_bad_arguments(bad: str) -> None:
     w_gate_up, w_down = _weights(16, 32)
@@ -126,6 +150,7 @@ def test_triton_interpreter_matches_reference(case, interp_results: dict) -> Non
     r = interp_results[case.id]
     assert "error" not in r, r.get("error")
     assert r["out_shape"] == [case.t, case.h] and r["out_dtype"] == case.dtype
+    assert r["wrote_into_out"], "the kernels must write into the preallocated output"
     assert r["skipped_rows_exact_zero"], "skipped rows must be exactly 0 (residual unchanged)"
     assert r["finite"]
     assert r["max_rel_err"] <= REL_TOL[case.dtype], r

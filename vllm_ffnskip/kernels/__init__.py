@@ -32,11 +32,17 @@ def triton_available() -> bool:
 
 
 def skip_mlp(
-    x: torch.Tensor, active: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor
+    x: torch.Tensor,
+    active: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dispatch to the Triton kernels on CUDA, else to the torch reference (same result)."""
+    """Dispatch to the Triton kernels on CUDA, else to the torch reference (same result);
+    written into ``out`` when given."""
     if x.is_cuda and triton_available():
         from .skip_mlp_triton import skip_mlp_triton
 
-        return skip_mlp_triton(x, active, w_gate_up, w_down)
-    return skip_mlp_reference(x, active, w_gate_up, w_down)
+        return skip_mlp_triton(x, active, w_gate_up, w_down, out=out)
+    result = skip_mlp_reference(x, active, w_gate_up, w_down)
+    return result if out is None else out.copy_(result)

@@ -254,13 +254,19 @@ def choose_plan(t: int, h: int, i: int, num_sms: int) -> SkipMLPPlan:
 
 
 def skip_mlp_triton(x: torch.Tensor, active: torch.Tensor, w_gate_up: torch.Tensor,
-                    w_down: torch.Tensor, *, plan: SkipMLPPlan | None = None) -> torch.Tensor:
+                    w_down: torch.Tensor, *, out: torch.Tensor | None = None,
+                    plan: SkipMLPPlan | None = None) -> torch.Tensor:
     """Skip-aware LLaMa FFN with Triton (see the module docstring): no host sync, fixed shapes.
 
-    ``plan`` overrides the heuristic launch plan (tests and tuning).
+    ``out``: a contiguous ``[T, H]`` tensor to write into (every element is written), as the
+    graph-captured custom op passes it; a new one otherwise. ``plan`` overrides the heuristic
+    launch plan (tests and tuning).
     """
     t, h, i = check_skip_mlp_args(x, active, w_gate_up, w_down)
-    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    if out is None:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    elif out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous {tuple(x.shape)} {x.dtype} tensor")
     if t == 0:
         return out
     x = x if x.stride(-1) == 1 else x.contiguous()

@@ -1,0 +1,108 @@
+"""The one platform-specific primitive of skipping: a decoder layer's MLP under a row mask.
+
+``masked_mlp(mlp, x, run)`` is the MLP on rows where ``run`` is set and exactly 0 elsewhere,
+inside the model's compiled graph, with the mask read on the device. Three forms:
+
+* ``cond`` (the CPU): ``torch.cond`` runs the MLP only when some row of the pass runs it, so a
+  layer that every row skips reads no FFN weights; rows skipped beside running ones are
+  masked. The fastest form measured on the CPU (docs/results.md §4).
+* ``kernel`` (CUDA, unquantized MLPs): the custom op ``vllm::ffnskip_masked_mlp`` writes
+  into an output allocated in the graph; it runs the Triton kernel whose programs exit
+  before loading weights when all their rows skip (kernels/). No host value is read, so
+  CUDA graphs (FULL and PIECEWISE) capture it; a replay reads the mask of the replay.
+* ``mask`` (CUDA, quantized MLPs): the module's own MLP, then the mask. Correct, saves
+  nothing.
+
+``VLLM_FFNSKIP_MASKED_MLP`` forces a form. CI runs the ``mask`` form on the CPU: the GPU's
+graph (the rule, no ``torch.cond``) with the module's MLP in place of the kernel op. The op
+itself cannot run in a CPU engine, whose linear layers hand their weights to oneDNN and keep
+none (``dispatch_cpu_unquantized_gemm``); it is tested eagerly, traced, and under Triton's
+interpreter (tests/kernels/).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+from vllm.platforms import current_platform
+from vllm.utils.torch_utils import direct_register_custom_op
+
+from vllm_ffnskip.kernels import skip_mlp
+
+#: Forces a form (``cond``, ``kernel`` or ``mask``) on any platform (tests).
+FORM_ENV = "VLLM_FFNSKIP_MASKED_MLP"
+FORMS = ("cond", "kernel", "mask")
+
+
+def _ffnskip_masked_mlp(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    run: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+) -> None:
+    skip_mlp(x, run, w_gate_up, w_down, out=out)
+
+
+def _ffnskip_masked_mlp_fake(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    run: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+) -> None:
+    return None
+
+
+direct_register_custom_op(
+    op_name="ffnskip_masked_mlp",
+    op_func=_ffnskip_masked_mlp,
+    mutates_args=["out"],
+    fake_impl=_ffnskip_masked_mlp_fake,
+)
+
+
+def plain_weights(mlp: nn.Module) -> bool:
+    """Unquantized, bias-free gate_up/down projections: what the kernel computes."""
+    return all(
+        isinstance(p.quant_method, UnquantizedLinearMethod) and p.bias is None
+        for p in (mlp.gate_up_proj, mlp.down_proj)
+    )
+
+
+def form_for(mlp: nn.Module) -> str:
+    """The form this layer's MLP runs in on this platform (fixed at model construction)."""
+    forced = os.environ.get(FORM_ENV)
+    if forced:
+        if forced not in FORMS:
+            raise ValueError(f"{FORM_ENV} must be one of {FORMS}, got {forced!r}")
+        if forced == "kernel" and not current_platform.is_cuda_alike():
+            raise ValueError(f"{FORM_ENV}=kernel needs CUDA: CPU linear layers keep no weights")
+        return forced
+    if not current_platform.is_cuda_alike():
+        return "cond"
+    return "kernel" if plain_weights(mlp) else "mask"
+
+
+def masked_mlp(form: str, mlp: nn.Module, x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+    """``mlp(x)`` on rows where ``run`` is set, exactly 0 elsewhere; traced into the graph."""
+    if form == "kernel":
+        out = torch.empty_like(x)
+        torch.ops.vllm.ffnskip_masked_mlp(
+            out, x, run, mlp.gate_up_proj.weight, mlp.down_proj.weight
+        )
+        down = mlp.down_proj  # a RowParallelLinear: sums its shards' outputs, as done here
+        if down.reduce_results and down.tp_size > 1:
+            out = tensor_model_parallel_all_reduce(out)
+        return out
+    if form == "cond":
+        out = torch.cond(run.any(), mlp, torch.zeros_like, (x,))
+    else:
+        out = mlp(x)
+    # Outside the branch, inductor fuses this mask into the next kernel (inside it, it was a
+    # kernel of its own per layer).
+    return torch.where(run.unsqueeze(-1), out, 0)

@@ -1,0 +1,299 @@
+"""The per-layer skip driver, one for every platform and model runner.
+
+The rule of docs/algorithm.md runs as fixed-shape tensor ops inside the model's compiled
+graph. Its state lives in persistent buffers of ``SkipState``, written in place:
+
+* per slot (one per request in vLLM's batch; the last slot, ``no_slot``, is "no skipping
+  request"): the request's hot layers, thresholds, span, first eligible position (prompt
+  length + warm-up), first counted position, and its skip counters;
+* per token of the pass: its slot (``token_slot``, the pass's one host-to-device copy), its
+  skip budget and its skips in this pass.
+
+Eligibility (a decode token past warm-up) comes from the token positions on the device, so
+no per-pass host decision enters the graph and CUDA graphs replay it as captured. A layer's
+FFN is ``masked_mlp`` (masked_mlp.py), the one primitive that differs between platforms.
+After the pass, skips and evaluated blocks are added into the slots' counters on the device;
+they are read when a request leaves the batch (and by ``snapshot``), which on the CPU costs
+nothing and on CUDA costs one copy per request, not one per pass.
+
+Who fills the slots: vLLM's V1 runner (the CPU) through the logits-processor tracker
+(tracker.py), the V2 runner (CUDA's default) through the model state (model_state.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from vllm_ffnskip.masked_mlp import masked_mlp
+from vllm_ffnskip.stats import RECORDER, STORE
+
+#: Larger than any position: the first eligible / counted position of a slot that never skips.
+NEVER = 1 << 62
+
+
+def rule_step(
+    hot: torch.Tensor,
+    skip: torch.Tensor,
+    budget: torch.Tensor,
+    residual: torch.Tensor,
+    ffn_out: torch.Tensor,
+    thresholds: torch.Tensor,
+    span: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FFN-SkipLLM's rule after one layer (docs/algorithm.md): the tokens' next skip budgets
+    and their saturation scores cos(h, h + f), in float32, as fixed-shape tensor ops.
+
+    A skipped hot layer spends one of the budget, a computed hot layer sets it to ``span``
+    when its score reaches the threshold (else 0), a cold layer clears it.
+    """
+    h = residual.float()
+    s = h + ffn_out.float()
+    norms = (h * h).sum(-1) * (s * s).sum(-1)
+    score = (h * s).sum(-1) / norms.clamp_min(1e-16).sqrt()
+    tested = torch.where(score >= thresholds, span, 0)
+    return torch.where(hot, torch.where(skip, budget - 1, tested), 0), score
+
+
+@dataclass
+class RequestSkipState:
+    """One skipping request's resolved policy, for the stay it is in the batch."""
+
+    request_id: str
+    prompt_len: int
+    thresholds: np.ndarray  # [num_layers] float32
+    warmup: int
+    cold_start: int
+    cold_end: int
+    span: int
+    #: First position whose FFN blocks this stay counts. A request that re-enters the batch
+    #: (it was not scheduled for a step, or was preempted and is recomputed) carries its
+    #: outputs so far; the blocks of the tokens before its last one were counted in an
+    #: earlier stay. They are decided again by the same rule (so the recomputed KV equals
+    #: the first one) but not counted twice.
+    counted_from: int = 0
+
+    @classmethod
+    def from_wire(
+        cls, request_id: str, prompt_len: int, wire: dict[str, Any], num_outputs: int = 0
+    ) -> RequestSkipState:
+        """``num_outputs``: tokens the request had generated when it (re-)entered the batch."""
+        return cls(
+            request_id=request_id,
+            prompt_len=prompt_len,
+            counted_from=prompt_len + max(num_outputs - 1, 0),
+            thresholds=np.asarray(wire["thresholds"], dtype=np.float32),
+            warmup=int(wire["warmup"]),
+            cold_start=int(wire["cold_start"]),
+            cold_end=int(wire["cold_end"]),
+            span=int(wire["span"]),
+        )
+
+    @cached_property
+    def hot_layers(self) -> np.ndarray:
+        """[num_layers] bool: the layers outside this request's cold regions."""
+        layers = np.arange(len(self.thresholds))
+        return (layers >= self.cold_start) & (layers < len(layers) - self.cold_end)
+
+
+class SkipState(nn.Module):
+    """The skip state of one model (one pipeline stage), shared by its decoder layers.
+
+    Token buffers are sized for vLLM's largest pass (``max_num_batched_tokens``); a pass
+    uses their first ``T`` rows. ``score[t, l]`` is the saturation score of token ``t`` at
+    layer ``l`` where it was tested, NaN elsewhere (read only by the profiler's recorder).
+    """
+
+    #: The skip state of this worker process (one model per vLLM worker process).
+    current: ClassVar[SkipState | None] = None
+
+    def __init__(self, max_slots: int, max_tokens: int, num_layers: int, stage_layers: range):
+        super().__init__()
+        self.no_slot = max_slots
+        self.num_layers = num_layers
+        self.stage_layers = stage_layers
+        slots = max_slots + 1
+
+        def buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype, fill: Any) -> None:
+            self.register_buffer(name, torch.full(shape, fill, dtype=dtype), persistent=False)
+
+        buffer("slot_hot", (slots, num_layers), torch.bool, False)
+        buffer("slot_thresholds", (slots, num_layers), torch.float32, 1.0)
+        buffer("slot_start", (slots,), torch.int64, NEVER)
+        buffer("slot_counted_from", (slots,), torch.int64, NEVER)
+        buffer("slot_span", (slots,), torch.int32, 0)
+        buffer("slot_skipped", (slots,), torch.int64, 0)
+        buffer("slot_evaluated", (slots,), torch.int64, 0)
+        buffer("token_slot", (max_tokens,), torch.int64, self.no_slot)
+        buffer("budget", (max_tokens,), torch.int32, 0)
+        buffer("skipped", (max_tokens,), torch.int32, 0)
+        buffer("score", (max_tokens, num_layers), torch.float32, 0.0)
+        #: Host side: the admitted requests by slot, and the staging copy of ``token_slot``
+        #: (pinned where the device is an accelerator, so its copy does not block).
+        self.requests: dict[int, RequestSkipState] = {}
+        device = self.token_slot.device
+        self._host_token_slot = torch.full(
+            (max_tokens,), self.no_slot, dtype=torch.int64, pin_memory=device.type == "cuda"
+        )
+        #: Leading entries of token_slot that may name a request's slot (0: none).
+        self.routed = 0
+        self._copied: torch.cuda.Event | None = None  # the last copy out of the staging buffer
+        self._last_route: tuple[np.ndarray, np.ndarray] = (np.empty(0), np.empty(0))
+        SkipState.current = self
+
+    # -- slots: written when a request enters or leaves the batch --------------------------
+
+    def admit(self, slot: int, state: RequestSkipState) -> None:
+        """A skipping request entered the batch in ``slot``."""
+        if slot in self.requests:
+            self.release(slot)
+        self.requests[slot] = state
+        device = self.slot_hot.device
+        self.slot_hot[slot].copy_(torch.from_numpy(state.hot_layers).to(device, non_blocking=True))
+        self.slot_thresholds[slot].copy_(
+            torch.from_numpy(state.thresholds).to(device, non_blocking=True)
+        )
+        self.slot_start[slot] = state.prompt_len + state.warmup
+        self.slot_counted_from[slot] = state.counted_from
+        self.slot_span[slot] = state.span
+        self.slot_skipped[slot] = 0
+        self.slot_evaluated[slot] = 0
+
+    def release(self, slot: int) -> None:
+        """The request in ``slot`` left the batch: its counts go to the store, the slot stops
+        skipping and counting."""
+        state = self.requests.pop(slot, None)
+        if state is None:
+            return
+        skipped, evaluated = torch.stack(
+            (self.slot_skipped[slot], self.slot_evaluated[slot])
+        ).tolist()  # one copy
+        self.slot_hot[slot] = False
+        self.slot_start[slot] = NEVER
+        self.slot_counted_from[slot] = NEVER
+        STORE.record(state.request_id, skipped, evaluated)
+
+    def snapshot(self) -> dict[str, dict[str, int]]:
+        """Counts of the skipping requests now in the batch, by request id (the parallel
+        samples of one request, ``n > 1``, share its id and are summed)."""
+        if not self.requests:
+            return {}
+        skipped, evaluated = self.slot_skipped.tolist(), self.slot_evaluated.tolist()
+        counts: dict[str, dict[str, int]] = {}
+        for slot, state in self.requests.items():
+            entry = counts.setdefault(state.request_id, {"skipped": 0, "evaluated": 0})
+            entry["skipped"] += skipped[slot]
+            entry["evaluated"] += evaluated[slot]
+        return counts
+
+    # -- a pass ------------------------------------------------------------------------------
+
+    def route(self, query_start_loc: np.ndarray, batch_slots: np.ndarray, num_tokens: int) -> bool:
+        """Before a pass, on the host: batch entry ``i`` owns tokens ``qsl[i]:qsl[i+1]`` and
+        sits in slot ``batch_slots[i]`` (``no_slot``: not skipping). Writes ``token_slot``
+        with one non-blocking copy (none while no pass routes a skipping request, and none
+        when the batch is routed as in the previous pass); returns whether any token of the
+        pass belongs to a skipping request."""
+        skipping = bool((batch_slots != self.no_slot).any())
+        if not skipping and not self.routed:
+            return False
+        qsl = query_start_loc[: len(batch_slots) + 1]
+        last = self._last_route
+        if (skipping and num_tokens == self.routed and np.array_equal(qsl, last[0])
+                and np.array_equal(batch_slots, last[1])):
+            return True  # an unchanged decode batch: token_slot already holds it
+        if self._copied is not None:  # the previous pass's copy has left the staging buffer
+            self._copied.synchronize()
+        host = self._host_token_slot.numpy()
+        n = max(num_tokens, self.routed)
+        host[:n] = self.no_slot
+        for i in np.flatnonzero(batch_slots != self.no_slot).tolist():
+            host[qsl[i] : qsl[i + 1]] = batch_slots[i]
+        self.token_slot[:n].copy_(self._host_token_slot[:n], non_blocking=True)
+        if self._host_token_slot.is_pinned():
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        self.routed = num_tokens if skipping else 0
+        self._last_route = (qsl.copy(), batch_slots.copy())
+        return skipping
+
+    def any_eligible(
+        self, query_start_loc: np.ndarray, batch_slots: np.ndarray, positions: np.ndarray
+    ) -> bool:
+        """Whether some token of the pass is eligible, from host copies (the CPU's choice
+        between the skip and the dense graph; under V2 there is no such choice). A request's
+        positions grow within the pass, so its last token decides."""
+        for i in np.flatnonzero(batch_slots != self.no_slot).tolist():
+            state = self.requests[int(batch_slots[i])]
+            if positions[query_start_loc[i + 1] - 1] >= state.prompt_len + state.warmup:
+                return True
+        return False
+
+    def begin_pass(self, num_tokens: int, incoming_budget: torch.Tensor | None) -> None:
+        """Device ops before the graph: no skips yet; budgets from the previous pipeline
+        stage (or none)."""
+        self.skipped[:num_tokens].zero_()
+        if incoming_budget is None:
+            self.budget[:num_tokens].zero_()
+        else:
+            self.budget[:num_tokens].copy_(incoming_budget[:num_tokens])
+
+    def end_pass(self, positions: torch.Tensor, skipped: bool) -> None:
+        """After the pass: a dense-graph pass (V1, no token eligible) still counts its decode
+        tokens as evaluated; a skip pass counted in the graph (``step``'s last layer)."""
+        if not skipped:
+            self._count(positions, None)
+        # Profiling only (vllm-ffnskip profile): reads the scores back, so never while a CUDA
+        # graph is being captured.
+        elif RECORDER.enabled and not torch.cuda.is_current_stream_capturing():
+            scores = self.score[: positions.shape[0]].cpu()
+            for l in self.stage_layers:
+                column = scores[:, l]
+                RECORDER.add(l, column[~column.isnan()].tolist())
+
+    def _count(self, positions: torch.Tensor, skipped: torch.Tensor | None) -> None:
+        """The pass's evaluated blocks (decode tokens counted once per request,
+        ``stage_layers`` blocks each) and skips into the slots' counters."""
+        t = positions.shape[0]
+        slot = self.token_slot[:t]
+        counted = positions >= self.slot_counted_from[slot]
+        self.slot_evaluated.index_add_(0, slot, counted.long() * len(self.stage_layers))
+        if skipped is not None:
+            self.slot_skipped.index_add_(0, slot, (skipped * counted).long())
+
+    def step(
+        self,
+        layer_idx: int,
+        form: str,
+        mlp: nn.Module,
+        positions: torch.Tensor,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor,
+    ) -> torch.Tensor:
+        """One layer's FFN under the rule; skipped rows return 0. Traced into the model's
+        graph: every op has a fixed shape, no value goes to the host."""
+        t = hidden_states.shape[0]
+        slot = self.token_slot[:t]
+        hot = self.slot_hot[slot, layer_idx] & (positions >= self.slot_start[slot])
+        budget = self.budget[:t]
+        skip = hot & (budget > 0)
+        run = ~skip
+        out = masked_mlp(form, mlp, hidden_states, run)
+        budget, score = rule_step(
+            hot, skip, budget, residual, out, self.slot_thresholds[slot, layer_idx],
+            self.slot_span[slot],
+        )
+        self.budget[:t].copy_(budget)
+        skipped = self.skipped[:t] + skip.int()
+        self.skipped[:t].copy_(skipped)
+        if layer_idx == self.stage_layers[-1]:  # in the graph, where the adds fuse
+            self._count(positions, skipped)
+        # Written whether or not scores are recorded: a branch on that here would give two
+        # graphs that vLLM's compile cache (keyed by config and source) cannot tell apart.
+        self.score[:t, layer_idx].copy_(torch.where(hot & run, score, torch.nan))
+        return out
