@@ -250,7 +250,9 @@ class SkipState(nn.Module):
             self._count(positions, None)
         # Profiling only (vllm-ffnskip profile): reads the scores back, so never while a CUDA
         # graph is being captured.
-        elif RECORDER.enabled and not torch.cuda.is_current_stream_capturing():
+        elif RECORDER.enabled and not (
+            self.score.is_cuda and torch.cuda.is_current_stream_capturing()
+        ):
             scores = self.score[: positions.shape[0]].cpu()
             for l in self.stage_layers:
                 column = scores[:, l]
