@@ -20,7 +20,7 @@ from vllm_ffnskip.policy import SkipPolicy
 from vllm_ffnskip.stats import collect_request_stats
 
 MAX_TOKENS = 24
-ABORTED = 200
+ABORTED = 100
 
 
 def greedy(xargs: dict | None = None, max_tokens: int = MAX_TOKENS) -> SamplingParams:
@@ -162,7 +162,7 @@ def test_prefix_cache_keeps_policies_apart(skip_llm, vanilla_llm):
 
 
 def test_aborted_requests_free_their_skip_state(skip_llm):
-    """Two hundred requests aborted mid-generation leave no skip state behind: each one's
+    """A hundred requests aborted mid-generation leave no skip state behind: each one's
     state is released (its counters recorded) and nothing stays in the tracker."""
     engine = skip_llm.llm_engine
     prompt = {"prompt_token_ids": skip_llm.get_tokenizer().encode(PROMPTS[0])}
