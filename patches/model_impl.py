@@ -9,12 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from vllm.engine.arg_utils import EngineArgs
+from vllm.logger import init_logger
 from vllm.model_executor.models.registry import _ModelRegistry
 from vllm.platforms import current_platform
 from vllm.usage.usage_lib import UsageContext
 
 from vllm_ffnskip.patches._wrap import wrap_method
 from vllm_ffnskip.policy import PolicyError, SkipPolicy, parse_server_config
+
+logger = init_logger(__name__)
 
 MODEL_IMPL = "ffnskip"
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -101,6 +104,24 @@ def key_compile_cache_by_stage(vllm_config: Any, layers: range) -> None:
         config[COMPILE_KEY] = f"{compile_key()}:layers{layers.start}-{layers.stop}"
 
 
+def _log_uncalibrated(vllm_config: Any) -> None:
+    """At start: a model without a calibrated policy serves the conservative default; say so,
+    and what to run to calibrate it."""
+    from vllm_ffnskip.embedded import has_shipped_policy
+
+    model = vllm_config.model_config.model
+    config = (vllm_config.additional_config or {}).get("ffnskip") or {}
+    if has_shipped_policy(model) or "policy_file" in config or "threshold" in config:
+        return
+    logger.warning(
+        "ffnskip: no calibrated policy for %s; serving the conservative default (global "
+        "threshold %g). To skip more within a quality budget, run `vllm-ffnskip calibrate "
+        "--model %s --max-loss 2 --out policy.json` and serve with --additional-config "
+        "'{\"ffnskip\": {\"policy_file\": \"policy.json\"}}'.",
+        model, SkipPolicy().threshold, model,
+    )
+
+
 def _resolve_model_cls(original, self, architectures, model_config):
     if not is_ffnskip(model_config):
         return original(self, architectures, model_config)
@@ -122,6 +143,7 @@ def _create_engine_config(original, self, usage_context=None, *args, **kwargs):
         server_policy(vllm_config)
     except PolicyError as e:
         raise ValueError(f"invalid --additional-config for ffnskip: {e}") from e
+    _log_uncalibrated(vllm_config)
     if isinstance(vllm_config.additional_config, dict):
         vllm_config.additional_config = {**vllm_config.additional_config, COMPILE_KEY: compile_key()}
     if not vllm_config.use_v2_model_runner:

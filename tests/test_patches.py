@@ -285,3 +285,25 @@ def test_lora_is_refused_on_gpus(embedded_model, monkeypatch):
         model_impl._check_features(config)
     monkeypatch.setattr(model_impl, "current_platform", SimpleNamespace(is_cuda_alike=lambda: False))
     model_impl._check_features(config)  # the CPU graph calls the module's MLP, LoRA wrappers and all
+
+
+@pytest.mark.parametrize(
+    "config, logs",
+    [({"enabled": True}, True), ({"threshold": 0.97}, False), ({"policy_file": "p.json"}, False)],
+)
+def test_uncalibrated_model_logs_how_to_calibrate(embedded_model, monkeypatch, config, logs):
+    """A model without a shipped policy serves the conservative default and says at start
+    what to run; the embedded model (shipped policy) and explicit policies stay quiet."""
+    from types import SimpleNamespace
+
+    from vllm_ffnskip.patches import model_impl
+
+    lines: list[str] = []
+    monkeypatch.setattr(model_impl.logger, "warning", lambda fmt, *a: lines.append(fmt % a))
+    for model, quiet in (("/models/llama-7b", False), (embedded_model, True)):
+        lines.clear()
+        model_impl._log_uncalibrated(SimpleNamespace(
+            model_config=SimpleNamespace(model=model), additional_config={"ffnskip": config}))
+        assert bool(lines) == (logs and not quiet), (model, config)
+        if lines:
+            assert "vllm-ffnskip calibrate --model /models/llama-7b --max-loss" in lines[0]

@@ -36,6 +36,30 @@ def test_request_threshold_replaces_per_layer_thresholds(tmp_path):
     assert parse_request({"ffnskip_threshold": 0.97}, server, LAYERS).thresholds(LAYERS) == [0.97] * LAYERS
 
 
+def test_request_layer_thresholds_replace_the_default_and_are_checked():
+    thresholds = [1.0, 1.0] + [0.97] * (LAYERS - 4) + [1.0, 1.0]
+    policy = parse_request({"ffnskip_layer_thresholds": thresholds}, DEFAULT, LAYERS)
+    assert policy.thresholds(LAYERS) == thresholds
+    for extra in (
+        {"ffnskip_layer_thresholds": thresholds[:-1]},
+        {"ffnskip_layer_thresholds": thresholds[:-1] + [1.5]},
+        {"ffnskip_layer_thresholds": 0.97},
+        {"ffnskip_layer_thresholds": thresholds, "ffnskip_threshold": 0.97},
+    ):
+        with pytest.raises(PolicyError) as err:
+            parse_request(extra, DEFAULT, LAYERS)
+        assert err.value.field.startswith("ffnskip_layer_thresholds"), extra
+
+
+def test_shipped_policies_load_by_name():
+    from vllm_ffnskip.policy import POLICIES_DIR
+
+    for path in POLICIES_DIR.glob("*.json"):
+        assert load_policy_file(path.stem) == load_policy_file(path)
+    with pytest.raises(PolicyError):
+        load_policy_file("no-such-policy")
+
+
 @pytest.mark.parametrize(
     "extra, field",
     [

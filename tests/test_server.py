@@ -74,6 +74,8 @@ def test_streaming_equals_non_streaming(client, call, xargs):
         ({"ffnskip": 2}, "ffnskip"),
         ({"ffnskip_treshold": 0.9}, "ffnskip_treshold"),
         ({"ffnskip_span": [1]}, "ffnskip_span"),
+        ({"ffnskip_layer_thresholds": [0.97] * 29}, "ffnskip_layer_thresholds"),
+        ({"ffnskip_layer_thresholds": [0.97] * 29 + [2]}, "ffnskip_layer_thresholds"),
     ],
 )
 def test_bad_policy_is_400_naming_the_field(client, xargs, field):

@@ -43,15 +43,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="PNG path (default: next to --out)")
 
     p = sub.add_parser(
-        "calibrate", help="profile -> policy file for a target skip ratio"
+        "calibrate",
+        help="policy file within a quality budget (--max-loss), or for a replayed skip "
+        "ratio from a profile (--target)",
     )
-    p.add_argument("--profile", required=True)
+    goal = p.add_mutually_exclusive_group(required=True)
+    goal.add_argument(
+        "--max-loss", type=float, help="points of --budget the policy may lose vs dense"
+    )
+    goal.add_argument(
+        "--target", type=float, help="skip ratio past warm-up, replayed on --profile"
+    )
+    p.add_argument("--model", help="HF folder (default: the embedded model)")
     p.add_argument(
-        "--target", type=float, required=True, help="skip ratio past warm-up"
+        "--profile", help="profile JSON (required with --target; --max-loss makes one)"
     )
+    p.add_argument("--budget", default="answers", choices=["answers", "agreement"])
     p.add_argument(
-        "--method", default="quantile", choices=["global", "quantile", "damage"]
-    )
+        "--methods", type=lambda t: t.split(","), default=["global", "damage"],
+        help="--max-loss: candidate methods",
+    )  # fmt: skip
+    p.add_argument(
+        "--targets", type=_floats, default=[0.02, 0.04, 0.06, 0.08, 0.1, 0.125, 0.15, 0.2],
+        help="--max-loss: replayed skip ratios of the candidates",
+    )  # fmt: skip
+    p.add_argument("--limit", type=int, help="--max-loss: first N questions / passages")
+    p.add_argument("--qa-tokens", type=int, default=24)
+    p.add_argument("--summary-tokens", type=int, default=64)
+    p.add_argument("--report", help="--max-loss: JSON of every candidate's metrics")
+    p.add_argument(
+        "--method", default="quantile", choices=["global", "quantile", "damage"],
+        help="--target: the method",
+    )  # fmt: skip
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--span", type=int, default=1)
     p.add_argument(

@@ -72,8 +72,13 @@ def is_embedded(model: str) -> bool:
         return False
 
 
+def has_shipped_policy(model: str) -> bool:
+    return is_embedded(model) and POLICY_FILE.exists()
+
+
 def default_policy_for(model: str) -> SkipPolicy:
-    """The calibrated policy for the embedded model (when shipped), else the defaults."""
-    if is_embedded(model) and POLICY_FILE.exists():
+    """The calibrated policy for the embedded model (when shipped), else the conservative
+    built-in default."""
+    if has_shipped_policy(model):
         return load_policy_file(POLICY_FILE)
     return SkipPolicy()

@@ -31,6 +31,7 @@ REQUEST_KEYS: dict[str, str] = {
     "ffnskip_cold_start": "cold_start",
     "ffnskip_cold_end": "cold_end",
     "ffnskip_span": "span",
+    "ffnskip_layer_thresholds": "layer_thresholds",
 }
 #: Server-config keys (``--additional-config '{"ffnskip": {...}}'``) beside the policy fields.
 SERVER_KEYS = ("enabled", "threshold", "warmup", "cold_start", "cold_end", "span", "policy_file")
@@ -56,7 +57,10 @@ class SkipPolicy:
     """
 
     enabled: bool = True
-    threshold: float = 0.98
+    #: Conservative for a model nobody calibrated (docs/results.md §3): on the embedded model
+    #: even 0.985 skips ~5% at no measured loss; ``vllm-ffnskip calibrate`` finds the most a
+    #: given model allows.
+    threshold: float = 0.99
     warmup: int = 2
     cold_start: int = 2
     cold_end: int = 2
@@ -124,7 +128,21 @@ def _check_enabled(name: str, value: Any) -> bool:
     raise PolicyError(name, f"must be 0 or 1 (or a boolean), got {value!r}", value)
 
 
+def _check_thresholds(name: str, values: Any) -> tuple[float, ...]:
+    if not isinstance(values, list) or not values:
+        raise PolicyError(name, f"must be a non-empty list of numbers in (0, 1], got {values!r}")
+    checked = []
+    for i, value in enumerate(values):
+        try:
+            checked.append(_check_threshold(f"{name}[{i}]", value))
+        except PolicyError as e:  # the field is the key that was sent; the entry is in the text
+            raise PolicyError(name, str(e), value) from e
+    return tuple(checked)
+
+
 def _field_value(field_name: str, key: str, value: Any) -> Any:
+    if field_name == "layer_thresholds":
+        return _check_thresholds(key, value)
     if field_name == "enabled":
         return _check_enabled(key, value)
     if field_name == "threshold":
@@ -134,34 +152,45 @@ def _field_value(field_name: str, key: str, value: Any) -> Any:
     return _check_int(key, value, 0)
 
 
+#: The policy files that ship with the package, selectable by name (``policy_file``).
+POLICIES_DIR = Path(__file__).resolve().parent / "policies"
+
+
+def policy_path(name: str | Path) -> Path:
+    """A policy file's path: a shipped policy's bare name (``smollm2-135m-instruct-aggressive``)
+    names ``policies/<name>.json``; anything else is a path."""
+    shipped = POLICIES_DIR / f"{name}.json"
+    if "/" not in str(name) and not str(name).endswith(".json") and shipped.exists():
+        return shipped
+    return Path(name)
+
+
 def load_policy_file(path: str | Path, base: SkipPolicy = SkipPolicy()) -> SkipPolicy:
-    """Read a calibrated policy file (JSON written by ``vllm-ffnskip calibrate``)."""
-    path = Path(path)
+    """Read a calibrated policy file (JSON written by ``vllm-ffnskip calibrate``), by path or
+    by a shipped policy's name."""
+    path = policy_path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise PolicyError("policy_file", f"cannot read {path}: {e}", str(path)) from e
+    return policy_from_dict(data, str(path), base)
+
+
+def policy_from_dict(data: Any, source: str, base: SkipPolicy = SkipPolicy()) -> SkipPolicy:
+    """A policy file's contents (``source`` names it in errors)."""
     if not isinstance(data, dict):
-        raise PolicyError("policy_file", f"{path} must hold a JSON object", str(path))
+        raise PolicyError("policy_file", f"{source} must hold a JSON object", source)
     unknown = sorted(set(data) - set(FILE_KEYS) - {"model", "calibration"})
     if unknown:
-        raise PolicyError("policy_file", f"{path}: unknown keys {unknown}", str(path))
+        raise PolicyError("policy_file", f"{source}: unknown keys {unknown}", source)
     updates: dict[str, Any] = {}
     for key in FILE_KEYS:
         if key not in data:
             continue
-        if key == "layer_thresholds":
-            values = data[key]
-            if not isinstance(values, list) or not values:
-                raise PolicyError("policy_file", f"{path}: layer_thresholds must be a list")
-            updates[key] = tuple(
-                _check_threshold(f"{path}: layer_thresholds[{i}]", v) for i, v in enumerate(values)
-            )
-        else:
-            try:
-                updates[key] = _field_value(key, key, data[key])
-            except PolicyError as e:
-                raise PolicyError("policy_file", f"{path}: {e}", str(path)) from e
+        try:
+            updates[key] = _field_value(key, key, data[key])
+        except PolicyError as e:
+            raise PolicyError("policy_file", f"{source}: {e}", source) from e
     return replace(base, **updates)
 
 
@@ -208,6 +237,10 @@ def parse_request(
             raise PolicyError(key, f"unknown key (known: {sorted(REQUEST_KEYS)})")
         updates[field_name] = _field_value(field_name, key, value)
         sent[field_name] = key
+    if "threshold" in updates and "layer_thresholds" in updates:
+        raise PolicyError(
+            "ffnskip_layer_thresholds", "set either ffnskip_threshold or ffnskip_layer_thresholds"
+        )
     if "threshold" in updates:
         updates["layer_thresholds"] = None
     policy = replace(default, **updates) if updates else default

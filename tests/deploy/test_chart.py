@@ -17,7 +17,7 @@ MULTI_NODE = {"multiNode": {"enabled": True, "size": 2}, "tensorParallelSize": 4
 # What the defaults render: only `enabled`; every other key is left to the plugin (or a policy file).
 DEFAULT_FFNSKIP = {"enabled": True}
 # The plugin's documented built-in defaults (docs/deploy.md, vllm_ffnskip/policy.py SkipPolicy).
-PLUGIN_DEFAULTS = {"enabled": True, "threshold": 0.98, "warmup": 2, "cold_start": 2, "cold_end": 2, "span": 1}
+PLUGIN_DEFAULTS = {"enabled": True, "threshold": 0.99, "warmup": 2, "cold_start": 2, "cold_end": 2, "span": 1}
 POLICY_MOUNT = "/etc/vllm-ffnskip/policies"
 # A calibrated policy file whose values all differ from the plugin's defaults.
 POLICY_FILE = {"layer_thresholds": [1.0, 1.0, 0.91, 0.95, 0.97, 1.0], "warmup": 4, "cold_start": 1,
@@ -228,7 +228,7 @@ def test_default_policy_accepted_by_plugin_parser(render, policy):
     parsed = policy.parse_server_config(config)
     assert parsed == policy.SkipPolicy()
     assert {key: getattr(parsed, key) for key in PLUGIN_DEFAULTS} == PLUGIN_DEFAULTS
-    assert parsed.layer_thresholds is None and parsed.thresholds(4) == [0.98] * 4
+    assert parsed.layer_thresholds is None and parsed.thresholds(4) == [0.99] * 4
     base = policy.SkipPolicy(threshold=0.9, warmup=5, cold_start=1, cold_end=3, span=2,
                              layer_thresholds=(1.0, 0.9, 0.95, 1.0, 0.9, 1.0, 1.0))
     assert policy.parse_server_config(config, base=base) == base

@@ -88,8 +88,29 @@ def test_calibrate_meets_target_on_its_profile(profile, policies, method):
     assert ("layer_thresholds" in policy) == (method != "global")
 
 
+def test_calibrate_to_a_loss_budget(work, profile):
+    """``calibrate --max-loss``: candidates from the profile, each measured against dense on
+    the calib questions; the file is the candidate with the highest measured ρ within the
+    budget, and the held-out split's measurement of it is recorded beside calib's."""
+    out, report_path = work / "budget.json", work / "budget_report.json"
+    cli.main(["calibrate", "--max-loss", "30", "--profile", str(work / "profile.json"),
+              "--targets", "0.05,0.3", "--limit", "4", "--qa-tokens", "8",
+              "--summary-tokens", "8", "--out", str(out), "--report", str(report_path)])  # fmt: skip
+    report = json.loads(report_path.read_text())
+    dense, *candidates = report["calib"]
+    assert len(candidates) == 4 and dense["rho"] == 0.0
+    assert any(c["rho"] > 0 for c in candidates)  # the per-request layer thresholds skipped
+    within = [c for c in candidates if c["loss_points"] <= 30]
+    policy = json.loads(out.read_text())
+    chosen = policy["calibration"]
+    assert chosen["calib"]["rho"] == pytest.approx(max(c["rho"] for c in within), abs=1e-4)
+    assert chosen["calib"]["loss_points"] <= 30
+    assert chosen["heldout"]["questions"] == 4 and report["test"][1]["rho"] > 0
+    assert calibrate.policy_thresholds(policy, NUM_LAYERS).shape == (NUM_LAYERS,)
+
+
 def test_eval_and_lm_eval(work, policies):
-    """A sweep point (per-request) and a per-layer policy file (its own engine), both
+    """A sweep point and a per-layer policy file, both sent per request on one engine and
     scored against dense; lm-eval runs the same questions through a served endpoint whose
     default policy skips so much that skip answers must differ from dense ones (proof that
     the request body's vllm_xargs reached the server for each task)."""
@@ -103,7 +124,7 @@ def test_eval_and_lm_eval(work, policies):
     rows = {r["name"]: r for r in report["rows"]}
     assert set(rows) == {"dense", "global t=0.97", "quantile"}
     assert rows["dense"]["identical"] == 1.0 and rows["dense"]["rho"] == 0.0
-    assert rows["quantile"]["rho"] > 0  # the server-default policy file really skipped
+    assert rows["quantile"]["rho"] > 0  # the per-layer thresholds sent per request skipped
     for row in rows.values():
         for key in ("qa_accuracy", "rougeL_ref", "rougeL_dense", "identical", "rho_qa"):
             assert 0.0 <= row[key] <= 1.0

@@ -10,13 +10,13 @@ from vllm_ffnskip.tools.bench import ffn_share, pair_overhead
 
 
 def test_factoid_splits_are_large_disjoint_and_answerable():
-    calib, test = datasets.factoid("calib"), datasets.factoid("test")
-    assert len(calib) + len(test) >= 150
-    assert not {r["question"] for r in calib} & {r["question"] for r in test}
-    for row in calib + test:
-        assert row["answers"] and all(datasets.normalize(a) for a in row["answers"]), (
-            row
-        )
+    splits = {name: datasets.factoid(name) for name in ("calib", "test")}
+    assert sum(len(rows) for rows in splits.values()) >= 300
+    questions = [r["question"].lower() for rows in splits.values() for r in rows]
+    ids = [r["id"] for rows in splits.values() for r in rows]
+    assert len(set(questions)) == len(questions) and len(set(ids)) == len(ids)
+    for row in (r for rows in splits.values() for r in rows):
+        assert row["answers"] and all(datasets.normalize(a) for a in row["answers"]), row
 
 
 def test_summarization_set():
@@ -128,3 +128,26 @@ def test_pair_overhead_is_immune_to_which_engines_drew_the_fast_speed():
     assert report["overhead"] == pytest.approx(0.0, abs=1e-3)
     with pytest.raises(ValueError):
         pair_overhead(plugin, vanilla[:2])
+
+
+def _row(name: str, rho: float, acc: float, agreement: float) -> dict:
+    return {"name": name, "method": "global", "rho": rho, "qa_accuracy": acc,
+            "dense_agreement": agreement}  # fmt: skip
+
+
+def test_budget_picks_the_most_skipping_policy_within_the_loss():
+    from vllm_ffnskip.tools import budget
+
+    rows = [_row("dense", 0.0, 0.60, 1.0), _row("a", 0.05, 0.60, 0.9), _row("b", 0.10, 0.585, 0.8),
+            _row("c", 0.20, 0.50, 0.5), _row("d", 0.08, 0.61, 0.95),
+            _row("e", 0.30, 0.60, 0.4)]  # fmt: skip
+    assert budget.choose(rows, 2.0, "answers")["name"] == "b"  # 1.5 points lost
+    assert budget.choose(rows, 1.0, "answers")["name"] == "d"  # a, d within; d skips more
+    assert budget.choose(rows, 10.0, "agreement")["name"] == "d"  # 5 points: a, d
+    assert budget.choose(rows, 20.0, "agreement")["name"] == "b"
+    assert budget.choose(rows, 1.0, "agreement") is None
+    assert budget.loss_points(rows[3], rows[0], "answers") == pytest.approx(10.0)
+    # e is within the budget again, above c, which broke it: the ladder ended at c
+    assert budget.choose(rows, 5.0, "answers")["name"] == "b"
+    rows.append({**_row("f", 0.25, 0.60, 0.4), "method": "damage"})
+    assert budget.choose(rows, 5.0, "answers")["name"] == "f"  # another method's ladder

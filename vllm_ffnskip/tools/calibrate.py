@@ -194,6 +194,13 @@ def policy_thresholds(policy: dict[str, Any], num_layers: int) -> np.ndarray:
 
 
 def main(args: Any) -> None:
+    if args.max_loss is not None:
+        from vllm_ffnskip.tools import budget
+
+        budget.main(args)
+        return
+    if not args.profile:
+        raise SystemExit("calibrate --target needs --profile (or use --max-loss)")
     profile = json.loads(Path(args.profile).read_text())
     policy = calibrate(
         profile,

@@ -1,7 +1,7 @@
 """The shipped evaluation sets and how prompts and answers are formed from them.
 
 ``data/factoid_{calib,test}.jsonl``: short factoid questions with accepted aliases (the calib
-split feeds ``profile``/``calibrate``; ``test`` is held out). ``data/summarization.jsonl``:
+split, 212 questions, feeds ``profile``/``calibrate``; ``test``, 123, is held out). ``data/summarization.jsonl``:
 short news-style passages with one-sentence reference summaries. Both were written for this
 project, so they ship with the package and need no network.
 """

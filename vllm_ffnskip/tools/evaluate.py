@@ -5,10 +5,9 @@ summaries against the references and against the dense summaries (``rouge-score`
 agreement with dense (share of token-identical outputs, mean position of the first
 differing token among the outputs that differ), next to the measured skip ratio ρ.
 
-Policies that a request can express (a global threshold: ``--sweep`` values and policy files
-without per-layer thresholds) share one engine through ``extra_args``; a policy file with
-per-layer thresholds can only be a server default, so it gets an engine of its own (started
-after the previous one is shut down). Every engine runs fp32 eager for deterministic output.
+Every policy, per-layer policy files included, is sent per request (``extra_args``, the
+``vllm_xargs`` of an API client), so dense and all policies share one engine, fp32 eager for
+deterministic output.
 """
 
 from __future__ import annotations
@@ -20,61 +19,53 @@ from typing import Any
 
 import numpy as np
 
-from vllm_ffnskip.policy import load_policy_file
+from vllm_ffnskip.policy import SkipPolicy, load_policy_file, policy_path
 from vllm_ffnskip.stats import collect_request_stats
 from vllm_ffnskip.tools import datasets, engine
 
 
 @dataclass
 class PolicySpec:
-    """One evaluated policy: the request's ``extra_args`` and, for per-layer policy files,
-    the server default that carries them."""
+    """One evaluated policy: the request's ``extra_args``."""
 
     name: str
     xargs: dict[str, Any]
-    server: dict[str, Any] | None = None
     method: str = "global"
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def policy_xargs(policy: SkipPolicy) -> dict[str, Any]:
+    """A whole policy as one request's ``extra_args``."""
+    xargs: dict[str, Any] = {
+        "ffnskip": 1,
+        "ffnskip_warmup": policy.warmup,
+        "ffnskip_cold_start": policy.cold_start,
+        "ffnskip_cold_end": policy.cold_end,
+        "ffnskip_span": policy.span,
+    }
+    if policy.layer_thresholds is None:
+        xargs["ffnskip_threshold"] = policy.threshold
+    else:
+        xargs["ffnskip_layer_thresholds"] = list(policy.layer_thresholds)
+    return xargs
 
 
 def sweep_spec(
     threshold: float, warmup: int, cold_start: int, cold_end: int, span: int
 ) -> PolicySpec:
-    """A global-threshold policy expressed entirely per request (shares the dense engine)."""
-    return PolicySpec(
-        name=f"global t={threshold:g}",
-        xargs={
-            "ffnskip": 1,
-            "ffnskip_threshold": threshold,
-            "ffnskip_warmup": warmup,
-            "ffnskip_cold_start": cold_start,
-            "ffnskip_cold_end": cold_end,
-            "ffnskip_span": span,
-        },
-        method="sweep",
+    """A global-threshold policy."""
+    policy = SkipPolicy(
+        threshold=threshold, warmup=warmup, cold_start=cold_start, cold_end=cold_end, span=span
     )
+    return PolicySpec(f"global t={threshold:g}", policy_xargs(policy), method="sweep")
 
 
 def file_spec(path: str) -> PolicySpec:
-    """A policy file: per-request when it has one threshold, server default otherwise."""
+    """A policy file (path or shipped name)."""
     policy = load_policy_file(path)  # validates, and fills what the file leaves out
-    meta = json.loads(Path(path).read_text()).get("calibration", {})
-    name = Path(path).stem
-    if policy.layer_thresholds is None:
-        spec = sweep_spec(
-            policy.threshold,
-            policy.warmup,
-            policy.cold_start,
-            policy.cold_end,
-            policy.span,
-        )
-        return PolicySpec(
-            name, spec.xargs, method=meta.get("method", "global"), meta=meta
-        )
-    server = {"enabled": True, "policy_file": str(Path(path).resolve())}
-    return PolicySpec(
-        name, {"ffnskip": 1}, server, meta.get("method", "per-layer"), meta
-    )
+    meta = json.loads(policy_path(path).read_text()).get("calibration", {})
+    method = meta.get("method", "global" if policy.layer_thresholds is None else "per-layer")
+    return PolicySpec(Path(path).stem, policy_xargs(policy), method, meta)
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -109,8 +100,11 @@ def run_tasks(
     return result
 
 
-def score(run: dict, dense: dict, qa: list[dict], summ: list[dict]) -> dict[str, float]:
-    """The metrics of one policy's outputs (``dense``: the dense policy's outputs)."""
+def score(
+    run: dict, dense: dict, qa: list[dict], summ: list[dict], max_tokens: int
+) -> dict[str, float]:
+    """The metrics of one policy's outputs (``dense``: the dense policy's outputs;
+    ``max_tokens``: the factoid replies' token limit)."""
     from rouge_score import rouge_scorer
 
     rouge = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
@@ -120,7 +114,21 @@ def score(run: dict, dense: dict, qa: list[dict], summ: list[dict]) -> dict[str,
     diverged = [d for d in divergence if d is not None]
     skipped = run["qa"]["skipped"] + run["summ"]["skipped"]
     evaluated = run["qa"]["evaluated"] + run["summ"]["evaluated"]
+    qa_lens = [len(i) for i in run["qa"]["ids"]]
+    dense_lens = [len(i) for i in dense["qa"]["ids"]]
     return {
+        # label-free: the reply keeps dense's whole reply (normalised, as a word span)
+        "dense_agreement": float(
+            np.mean(
+                [
+                    datasets.answer_correct(t, [d])
+                    for t, d in zip(run["qa"]["texts"], dense["qa"]["texts"])
+                ]
+            )
+        ),
+        "qa_reply_tokens": float(np.mean(qa_lens)),
+        "qa_reply_tokens_dense": float(np.mean(dense_lens)),
+        "qa_at_max_tokens": float(np.mean([n >= max_tokens for n in qa_lens])),
         "qa_accuracy": float(
             np.mean(
                 [
@@ -157,24 +165,16 @@ def score(run: dict, dense: dict, qa: list[dict], summ: list[dict]) -> dict[str,
 def evaluate(
     model: str, specs: list[PolicySpec], qa: list[dict], summ: list[dict], args: Any
 ) -> dict:
-    """Runs dense plus every policy, one engine per server default; returns runs by name."""
-    groups: dict[str, list[PolicySpec]] = {
-        "null": []
-    }  # server default off: dense first
-    for spec in specs:
-        groups.setdefault(json.dumps(spec.server, sort_keys=True), []).append(spec)
-    runs: dict[str, dict] = {}
-    for key, group in groups.items():
-        llm = engine.make_llm(model, server=json.loads(key))
-        try:
-            if not runs:
-                runs["dense"] = run_tasks(
-                    llm, PolicySpec("dense", engine.DENSE), qa, summ, args
-                )
-            for spec in group:
-                runs[spec.name] = run_tasks(llm, spec, qa, summ, args)
-        finally:
-            engine.close_llm(llm)
+    """Runs dense, then every policy, on one engine; returns runs by name."""
+    from tqdm import tqdm
+
+    llm = engine.make_llm(model)
+    try:
+        runs = {"dense": run_tasks(llm, PolicySpec("dense", engine.DENSE), qa, summ, args)}
+        for spec in tqdm(specs, desc="policies", unit="policy"):
+            runs[spec.name] = run_tasks(llm, spec, qa, summ, args)
+    finally:
+        engine.close_llm(llm)
     return runs
 
 
@@ -222,15 +222,34 @@ def plot_curve(
 
 
 def format_table(rows: list[dict]) -> str:
-    head = "| policy | method | ρ (QA) | ρ (all) | QA acc | ROUGE-L ref | ROUGE-L dense | identical | 1st div |"
-    lines = [head, "|" + "---|" * 9]
+    head = (
+        "| policy | method | ρ (QA) | ρ (all) | QA acc | agrees w/ dense | reply tokens "
+        "(dense) | at max_tokens | ROUGE-L ref | ROUGE-L dense | identical | 1st div |"
+    )
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         lines.append(
             f"| {r['name']} | {r['method']} | {r['rho_qa']:.3f} | {r['rho']:.3f} | "
-            f"{100 * r['qa_accuracy']:.1f} | {r['rougeL_ref']:.3f} | {r['rougeL_dense']:.3f} | "
-            f"{100 * r['identical']:.0f}% | {r['first_divergence']:.1f} |"
+            f"{100 * r['qa_accuracy']:.1f} | {100 * r['dense_agreement']:.1f} | "
+            f"{r['qa_reply_tokens']:.1f} ({r['qa_reply_tokens_dense']:.1f}) | "
+            f"{100 * r['qa_at_max_tokens']:.0f}% | {r['rougeL_ref']:.3f} | "
+            f"{r['rougeL_dense']:.3f} | {100 * r['identical']:.0f}% | {r['first_divergence']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def score_runs(
+    runs: dict, specs: list[PolicySpec], qa: list[dict], summ: list[dict], qa_tokens: int
+) -> list[dict]:
+    """One row of metrics per run, dense first."""
+    dense = runs["dense"]
+    rows = [{"name": "dense", "method": "dense", **score(dense, dense, qa, summ, qa_tokens)}]
+    rows += [
+        {"name": s.name, "method": s.method, **s.meta,
+         **score(runs[s.name], dense, qa, summ, qa_tokens)}
+        for s in specs
+    ]  # fmt: skip
+    return rows
 
 
 def main(args: Any) -> None:
@@ -243,22 +262,7 @@ def main(args: Any) -> None:
     ]
     specs += [file_spec(p) for p in args.policy]
     runs = evaluate(model, specs, qa, summ, args)
-    rows = [
-        {
-            "name": "dense",
-            "method": "dense",
-            **score(runs["dense"], runs["dense"], qa, summ),
-        }
-    ]
-    rows += [
-        {
-            "name": s.name,
-            "method": s.method,
-            **s.meta,
-            **score(runs[s.name], runs["dense"], qa, summ),
-        }
-        for s in specs
-    ]
+    rows = score_runs(runs, specs, qa, summ, args.qa_tokens)
     report: dict[str, Any] = {
         "model": Path(model).name,
         "split": args.split,
