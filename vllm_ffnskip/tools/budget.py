@@ -98,12 +98,16 @@ def run_profile(model: str, qa: list[dict], summ: list[dict], args: Namespace) -
 
 
 def agreement_tracks_answers(rows: list[dict[str, Any]]) -> dict[str, float]:
-    """How well the label-free loss followed the answer loss over the candidates."""
+    """How well the label-free loss followed the answer loss over the candidates (NaN with
+    fewer than three candidates or a constant loss)."""
     a = np.array([loss_points(r, rows[0], "agreement") for r in rows[1:]])
     b = np.array([loss_points(r, rows[0], "answers") for r in rows[1:]])
-    r = float(np.corrcoef(a, b)[0, 1]) if len(a) > 2 and a.std() and b.std() else float("nan")
-    return {"pearson_r": r, "answer_loss_per_agreement_point": float(np.polyfit(a, b, 1)[0])
-            if len(a) > 2 and a.std() else float("nan")}  # fmt: skip
+    if len(a) < 3 or not a.std() or not b.std():
+        return {"pearson_r": float("nan"), "answer_loss_per_agreement_point": float("nan")}
+    return {
+        "pearson_r": float(np.corrcoef(a, b)[0, 1]),
+        "answer_loss_per_agreement_point": float(np.polyfit(a, b, 1)[0]),
+    }
 
 
 def _summary(row: dict[str, Any], dense: dict[str, Any], questions: int) -> dict[str, Any]:
