@@ -8,7 +8,7 @@ patches/request_stats.py). In a closed loop of fixed concurrency, requests/s is
 concurrency / mean latency, so that wait's share of the mean end-to-end latency is the
 share of requests/s it costs.
 
-    PYTHONPATH=. python benchmarks/counts_fetch_cost.py [--num-prompts 256 --concurrency 32]
+    python benchmarks/counts_fetch_cost.py [--num-prompts 256 --concurrency 32]
 """
 
 from __future__ import annotations
@@ -19,22 +19,15 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import requests
-from prometheus_client.parser import text_string_to_metric_families
-
-from tests.server import vllm_server
 from vllm_ffnskip import embedded
+from vllm_ffnskip.tools.serving import metric_samples, vllm_server
 
 
 def fetch_wait(url: str) -> tuple[float, float]:
     """(sum of seconds, count) of the counts-fetch histogram on /metrics."""
-    text = requests.get(f"{url}/metrics", timeout=10).text
-    values = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            if s.name.startswith("vllm_ffnskip_counts_fetch_seconds_"):
-                values[s.name.rsplit("_", 1)[-1]] = s.value
-    return values.get("sum", 0.0), values.get("count", 0.0)
+    name = "vllm_ffnskip_counts_fetch_seconds"
+    values = metric_samples(url, name)
+    return values.get(f"{name}_sum", 0.0), values.get(f"{name}_count", 0.0)
 
 
 def main() -> None:

@@ -81,9 +81,10 @@ def compile_key() -> str:
 
     digest = hashlib.sha256(os.environ.get(FORM_ENV, "").encode())
     # This package and the patches (a sibling folder in a source checkout, inside it when
-    # installed).
+    # installed), less the command-line tools, which no graph is built from.
+    tools = Path(vllm_ffnskip.__file__).parent / "tools"
     for root in sorted({Path(vllm_ffnskip.__file__).parent, Path(__file__).parent}):
-        for path in sorted(root.rglob("*.py")):
+        for path in sorted(p for p in root.rglob("*.py") if tools not in p.parents):
             digest.update(path.relative_to(root).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:16]

@@ -21,6 +21,9 @@ from vllm_ffnskip.stats import collect_request_stats
 
 MAX_TOKENS = 24
 ABORTED = 100
+LAYERS = 30  # the embedded model
+#: The rule in every pass (max_skip_rows 0): these tests compare its decisions exactly.
+RULE_EXACT = {"enabled": False, "warmup": 2, "cold_start": 2, "cold_end": 2, "max_skip_rows": 0}
 
 
 def greedy(xargs: dict | None = None, max_tokens: int = MAX_TOKENS) -> SamplingParams:
@@ -36,7 +39,7 @@ def skip_llm(embedded_model: str) -> Iterator[object]:
     llm = make_llm(
         embedded_model,
         model_impl="ffnskip",
-        additional_config={"ffnskip": {"enabled": False, "warmup": 2, "cold_start": 2, "cold_end": 2}},
+        additional_config={"ffnskip": RULE_EXACT},
     )
     yield llm
     close_llm(llm)
@@ -92,7 +95,7 @@ def mask_form_llm(embedded_model: str) -> Iterator[object]:
     with pytest.MonkeyPatch.context() as env:
         env.setenv(FORM_ENV, "mask")  # read by the engine's worker, spawned now
         llm = make_llm(embedded_model, model_impl="ffnskip", additional_config={
-            "ffnskip": {"enabled": False, "warmup": 2, "cold_start": 2, "cold_end": 2}})
+            "ffnskip": RULE_EXACT})
     yield llm
     close_llm(llm)
 
@@ -181,3 +184,31 @@ def test_aborted_requests_free_their_skip_state(skip_llm):
     aborted = {k: v for k, v in stats["requests"].items() if k.startswith("abort-")}
     assert len(aborted) == ABORTED
     assert sum(r["evaluated"] for r in aborted.values()) > 0  # they were decoding
+
+
+def test_wide_passes_run_the_dense_graph(embedded_model, vanilla_ids):
+    """The default ``max_skip_rows``: a skipping request skips alone; beside another request
+    every pass is wider than that, so the dense graph runs it: its tokens equal vanilla's and
+    its blocks count as evaluated, none as skipped."""
+    from vllm_ffnskip.policy import DEFAULT_MAX_SKIP_ROWS
+
+    width = DEFAULT_MAX_SKIP_ROWS + 1
+    xargs = {"ffnskip": 1, "ffnskip_threshold": 0.96}
+    llm = make_llm(embedded_model, model_impl="ffnskip",
+                   additional_config={"ffnskip": {"enabled": False}})  # fmt: skip
+    try:
+        alone = llm.generate(PROMPTS[:1], greedy(xargs))[0]
+        assert alone.ffnskip["ffn_blocks_skipped"] > 0
+        assert list(alone.outputs[0].token_ids) != vanilla_ids[0]
+        wide = llm.generate(PROMPTS[:width], [greedy(xargs)] + [greedy({"ffnskip": 0})] * (width - 1))
+        assert token_ids(wide) == vanilla_ids[:width]
+        counts = wide[0].ffnskip
+        assert (counts["ffn_blocks_skipped"], counts["ffn_blocks_evaluated"]) == (
+            0, (MAX_TOKENS - 1) * LAYERS)
+        # all skipping, and as wide: dense graph too
+        both = llm.generate(PROMPTS[:width], greedy(xargs))
+        assert token_ids(both) == vanilla_ids[:width]
+        assert all(o.ffnskip["ffn_blocks_skipped"] == 0 for o in both)
+    finally:
+        close_llm(llm)
+

@@ -98,7 +98,7 @@ def _serve(model: str, config: dict[str, Any], env: dict[str, str]) -> dict[str,
             skip_tokenizer_init=True,
             max_model_len=256,
             max_num_seqs=8,
-            additional_config={"ffnskip": {"enabled": False}},
+            additional_config={"ffnskip": {"enabled": False, "max_skip_rows": 0}},
             **config,
         )
     try:

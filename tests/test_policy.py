@@ -97,12 +97,22 @@ def test_cold_regions_covering_every_layer_are_rejected():
         ({"bogus": 1}, "ffnskip.bogus"),
         ({"policy_file": "/nonexistent/policy.json"}, "policy_file"),
         ([], "ffnskip"),
+        ({"max_skip_rows": -1}, "ffnskip.max_skip_rows"),
+        ({"max_skip_rows": True}, "ffnskip.max_skip_rows"),
     ],
 )
 def test_invalid_server_config(config, field):
     with pytest.raises(PolicyError) as err:
         parse_server_config(config)
     assert err.value.field == field
+
+
+def test_max_skip_rows_shapes_passes_not_the_policy():
+    from vllm_ffnskip.policy import DEFAULT_MAX_SKIP_ROWS, max_skip_rows
+
+    assert parse_server_config({"max_skip_rows": 0}) == parse_server_config({})
+    assert max_skip_rows({"max_skip_rows": 0}) == 0 and max_skip_rows({"threshold": 0.9}) == 2
+    assert max_skip_rows(None) == DEFAULT_MAX_SKIP_ROWS
 
 
 def test_malformed_policy_file_names_path_and_reason(tmp_path):

@@ -39,7 +39,7 @@ def llm(embedded_model: str) -> Iterator[object]:
         max_num_seqs=8,
         max_model_len=(KV_BLOCKS - 1) * BLOCK_SIZE,  # what vLLM admits for this cache
         disable_log_stats=False,  # vLLM's preemption counter
-        additional_config={"ffnskip": {"enabled": False, "warmup": 2, "cold_start": 2, "cold_end": 2, "span": 1}},
+        additional_config={"ffnskip": {"enabled": False, "warmup": 2, "cold_start": 2, "cold_end": 2, "span": 1, "max_skip_rows": 0}},
     )
     yield llm
     close_llm(llm)

@@ -94,6 +94,35 @@ def test_re_added_request_counts_each_decode_token_once(state):
     assert not tracker.rows and not state.requests
 
 
+def test_v1_runs_the_skip_graph_only_where_it_can_save(state):
+    """V1's host choice between the graphs. ``max_rows`` 0: any pass with an eligible token.
+    Else only passes of at most ``max_rows`` rows, each an eligible decode token of a
+    skipping request; a dense neighbour, a token in warm-up or a prefill chunk rules a pass
+    out (a layer saves only when every row skips it)."""
+    prompt, warmup = 4, 1
+    tracker = SkipPolicyTracker(None, torch.device("cpu"), False)
+    added = [(0, params("a", warmup), [1] * prompt, []), (1, params("b", warmup), [1] * prompt, []),
+             (2, SamplingParams(), [1] * prompt, [])]  # fmt: skip
+    tracker.update_state(BatchUpdate(batch_size=3, added=added, removed=[], moved=[]))
+    slots = tracker.batch_slots(3)
+    assert slots[2] == state.no_slot and slots[0] != state.no_slot
+
+    def skip_graph(positions: list[int], max_rows: int, rows: int | None = None) -> bool:
+        rows = len(positions) if rows is None else rows
+        qsl = np.arange(rows + 1) if rows == len(positions) else np.array([0, len(positions)])
+        return state.runs_skip_graph(qsl, slots[:rows], np.array(positions), max_rows)
+
+    eligible, in_warmup = prompt + warmup, prompt
+    assert skip_graph([eligible], 1) and not skip_graph([in_warmup], 1)
+    assert skip_graph([eligible, eligible], 0) and skip_graph([eligible, eligible], 2)
+    assert not skip_graph([eligible, eligible], 1)  # wider than max_rows
+    assert skip_graph([in_warmup, eligible], 0) and not skip_graph([in_warmup, eligible], 2)
+    assert not skip_graph([eligible, eligible, eligible], 3)  # a dense neighbour
+    assert skip_graph([eligible, eligible, eligible], 0)
+    assert not skip_graph(list(range(eligible + 1)), 8, rows=1)  # a prefill chunk
+    assert skip_graph(list(range(eligible + 1)), 0, rows=1)  # its last token is eligible
+
+
 def test_moved_rows_keep_their_slots_and_counts(state):
     """V1 condenses and swaps rows; a request's slot (and its counters) stays with it."""
     tracker = SkipPolicyTracker(None, torch.device("cpu"), False)

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--budget", default="answers", choices=["answers", "agreement"])
     p.add_argument(
+        "--margin", type=float, default=1.0,
+        help="--max-loss: standard errors of the measured loss kept below the budget",
+    )  # fmt: skip
+    p.add_argument(
         "--methods", type=lambda t: t.split(","), default=["global", "damage"],
         help="--max-loss: candidate methods",
     )  # fmt: skip
@@ -112,25 +116,50 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--lm-eval-policy", help="server default policy file for --lm-eval")
 
-    p = sub.add_parser("bench", help="decode throughput and latency, skip vs dense")
+    p = sub.add_parser("bench", help="decode speed, skip vs dense: served (vllm bench serve) "
+                       "or in one offline engine")  # fmt: skip
+    p.add_argument(
+        "--mode", default="served", choices=["served", "engine"],
+        help="served: one vllm serve, vLLM's own client (what users see); engine: an "
+        "offline LLM (where the time goes)",
+    )  # fmt: skip
     p.add_argument("--model", help="HF folder (default: the embedded model)")
     p.add_argument(
         "--policy", help="policy file (default: the model's shipped default)"
     )
-    p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32])
-    p.add_argument("--output-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="float32", help="served: the server's --dtype")
     p.add_argument(
-        "--overhead-repeats", type=int, default=3, help="0 skips the overhead run"
-    )
+        "--concurrency", type=_ints, default=[1, 2, 4, 8, 16, 32, 64],
+        help="served: vllm bench serve --max-concurrency values",
+    )  # fmt: skip
+    p.add_argument("--rounds", type=int, default=2, help="served: skip/dense pairs per point")
+    p.add_argument("--input-len", type=int, default=32, help="served: random prompt tokens")
+    p.add_argument("--output-len", type=int, default=96, help="served: output tokens")
+    p.add_argument(
+        "--prompts-per-stream", type=int, default=3,
+        help="served: requests per run = this x concurrency (at least --min-prompts)",
+    )  # fmt: skip
+    p.add_argument("--min-prompts", type=int, default=4)
+    p.add_argument(
+        "--overhead-pairs", type=int, default=0,
+        help="served: ffnskip/vanilla server pairs for the dense-traffic overhead",
+    )  # fmt: skip
+    p.add_argument("--overhead-concurrency", type=_ints, default=[1, 32])
+    p.add_argument("--batch-sizes", type=_ints, default=[1, 8, 32], help="engine mode")
+    p.add_argument("--output-tokens", type=int, default=128, help="engine mode")
+    p.add_argument("--repeats", type=int, default=3, help="engine mode")
+    p.add_argument(
+        "--overhead-repeats", type=int, default=3,
+        help="engine mode: engine pairs for the overhead (0: none)",
+    )  # fmt: skip
     p.add_argument(
         "--eager", action="store_true", help="enforce_eager (default: compiled)"
     )
     p.add_argument(
         "--in-process",
         action="store_true",
-        help="engine core and worker in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0): "
-        "no inter-process contention where cores are few",
+        help="engine mode: engine core and worker in this process "
+        "(VLLM_ENABLE_V1_MULTIPROCESSING=0): no inter-process contention where cores are few",
     )
     p.add_argument("--out", default="results/bench.json")
     return parser

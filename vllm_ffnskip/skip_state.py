@@ -234,6 +234,32 @@ class SkipState(nn.Module):
                 return True
         return False
 
+    def runs_skip_graph(
+        self,
+        query_start_loc: np.ndarray,
+        batch_slots: np.ndarray,
+        positions: np.ndarray,
+        max_rows: int,
+    ) -> bool:
+        """Whether the pass runs the skip graph (V1, the CPU's host choice between graphs).
+
+        With ``max_rows`` 0: when some token is eligible (the rule applied exactly). Else only
+        a pass of at most ``max_rows`` rows that are all eligible decode tokens: the ``cond``
+        form saves a layer's FFN only when every row skips it, so a pass with a row that
+        cannot skip saves nothing, and a wider one too little to repay the rule's cost; the
+        dense graph runs it at vLLM's speed, and its tokens count as evaluated, not skipped.
+        """
+        if not max_rows:
+            return self.any_eligible(query_start_loc, batch_slots, positions)
+        rows = len(batch_slots)
+        if len(positions) > max_rows or query_start_loc[rows] != rows or rows != len(positions):
+            return False  # wider than max_rows, or a prefill chunk (more tokens than rows)
+        for i, slot in enumerate(batch_slots.tolist()):
+            state = self.requests.get(slot)
+            if state is None or positions[i] < state.prompt_len + state.warmup:
+                return False
+        return True
+
     def begin_pass(self, num_tokens: int, incoming_budget: torch.Tensor | None) -> None:
         """Device ops before the graph: no skips yet; budgets from the previous pipeline
         stage (or none)."""

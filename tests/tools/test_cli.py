@@ -93,7 +93,7 @@ def test_calibrate_to_a_loss_budget(work, profile):
     the calib questions; the file is the candidate with the highest measured ρ within the
     budget, and the held-out split's measurement of it is recorded beside calib's."""
     out, report_path = work / "budget.json", work / "budget_report.json"
-    cli.main(["calibrate", "--max-loss", "30", "--profile", str(work / "profile.json"),
+    cli.main(["calibrate", "--max-loss", "30", "--margin", "0", "--profile", str(work / "profile.json"),
               "--targets", "0.05,0.3", "--limit", "4", "--qa-tokens", "8",
               "--summary-tokens", "8", "--out", str(out), "--report", str(report_path)])  # fmt: skip
     report = json.loads(report_path.read_text())
@@ -137,13 +137,34 @@ def test_eval_and_lm_eval(work, policies):
 
 def test_bench(work, policies):
     out = work / "bench.json"
-    cli.main(["bench", "--policy", str(policies["quantile"]), "--batch-sizes", "1,2",
-              "--output-tokens", "8", "--repeats", "1", "--overhead-repeats", "0", "--eager",
-              "--out", str(out)])  # fmt: skip
+    cli.main(["bench", "--mode", "engine", "--policy", str(policies["quantile"]),
+              "--batch-sizes", "1,2", "--output-tokens", "8", "--repeats", "1",
+              "--overhead-repeats", "0", "--eager", "--out", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
     assert 0.5 < report["phi"] < 0.7
     assert [r["batch"] for r in report["rows"]] == [1, 2]
     for row in report["rows"]:
         assert row["dense_tok_s"] > 0 and row["skip_tok_s"] > 0
         assert row["ideal"] == pytest.approx(1 / (1 - row["rho"] * report["phi"]))
+        assert row["share"] == pytest.approx((row["speedup"] - 1) / (row["ideal"] - 1))
     assert "overhead" not in report  # --overhead-repeats 0: no extra engines
+
+
+def test_served_bench(work, policies):
+    """``vllm bench serve`` against one ffnskip server: the skip runs' ρ comes from the
+    server's counters, which dense runs leave alone (else the run raises), and every round
+    of both is recorded."""
+    out = work / "served.json"
+    cli.main(["bench", "--policy", str(policies["quantile"]), "--concurrency", "1,2",
+              "--rounds", "1", "--input-len", "8", "--output-len", "8", "--prompts-per-stream",
+              "1", "--min-prompts", "2", "--eager", "--out", str(out)])  # fmt: skip
+    report = json.loads(out.read_text())
+    assert report["mode"] == "served" and [r["concurrency"] for r in report["rows"]] == [1, 2]
+    for row in report["rows"]:
+        skip, dense = row["samples"]["skip"], row["samples"]["dense"]
+        assert len(skip) == len(dense) == 1
+        # 2 requests x 7 decode tokens x 30 layers, each block counted once
+        assert skip[0]["evaluated"] == 2 * 7 * NUM_LAYERS and skip[0]["skipped"] > 0
+        assert dense[0]["evaluated"] == dense[0]["skipped"] == 0
+        assert row["rho"] == pytest.approx(skip[0]["skipped"] / skip[0]["evaluated"])
+        assert row["share"] == pytest.approx((row["speedup"] - 1) / (row["ideal"] - 1))

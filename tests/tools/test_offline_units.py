@@ -130,24 +130,57 @@ def test_pair_overhead_is_immune_to_which_engines_drew_the_fast_speed():
         pair_overhead(plugin, vanilla[:2])
 
 
-def _row(name: str, rho: float, acc: float, agreement: float) -> dict:
+def _row(name: str, rho: float, acc: float, agreement: float, se: float = 0.0) -> dict:
     return {"name": name, "method": "global", "rho": rho, "qa_accuracy": acc,
-            "dense_agreement": agreement}  # fmt: skip
+            "dense_agreement": agreement, "qa_loss_se": se, "dense_agreement_se": se}  # fmt: skip
 
 
-def test_budget_picks_the_most_skipping_policy_within_the_loss():
+def test_budget_picks_the_most_skipping_policy_within_the_fitted_loss():
+    """Losses 0, 1.5, 10 and −1 points at ρ 0.05, 0.10, 0.20, 0.08: the line through the
+    origin loses Σρl/Σρ² = 2.07 / 0.0589 = 35.1 points per unit ρ, so 2 points allow
+    ρ ≤ 0.057 (a) and 4 points ρ ≤ 0.114 (b, though c, at 10 points, is not); one noisy
+    rung within the budget (e, 0 points at ρ 0.30) does not count on its own."""
     from vllm_ffnskip.tools import budget
 
     rows = [_row("dense", 0.0, 0.60, 1.0), _row("a", 0.05, 0.60, 0.9), _row("b", 0.10, 0.585, 0.8),
-            _row("c", 0.20, 0.50, 0.5), _row("d", 0.08, 0.61, 0.95),
-            _row("e", 0.30, 0.60, 0.4)]  # fmt: skip
-    assert budget.choose(rows, 2.0, "answers")["name"] == "b"  # 1.5 points lost
-    assert budget.choose(rows, 1.0, "answers")["name"] == "d"  # a, d within; d skips more
-    assert budget.choose(rows, 10.0, "agreement")["name"] == "d"  # 5 points: a, d
-    assert budget.choose(rows, 20.0, "agreement")["name"] == "b"
-    assert budget.choose(rows, 1.0, "agreement") is None
+            _row("c", 0.20, 0.50, 0.5), _row("d", 0.08, 0.61, 0.95)]  # fmt: skip
+    slope, error = budget.loss_slope(rows[1:], rows[0], "answers")
+    assert slope == pytest.approx((0.1 * 1.5 + 0.2 * 10 - 0.08) / (0.05**2 + 0.1**2 + 0.2**2 + 0.08**2))
+    assert error == 0.0  # no standard errors given
+    assert budget.choose(rows, 2.0, "answers")["name"] == "a"
+    assert budget.choose(rows, 4.0, "answers")["name"] == "b"
+    assert budget.choose(rows, 1.0, "answers") is None
     assert budget.loss_points(rows[3], rows[0], "answers") == pytest.approx(10.0)
-    # e is within the budget again, above c, which broke it: the ladder ended at c
-    assert budget.choose(rows, 5.0, "answers")["name"] == "b"
+    rows.append(_row("e", 0.30, 0.60, 0.4))
+    # e flattens the line to 13.9 per unit ρ: c's fitted 2.8 points are within 4, but its
+    # measured 10 are not, and e's fitted 4.2 are not: b
+    assert budget.choose(rows, 4.0, "answers")["name"] == "b"
+    # agreement losses 10, 20, 50, 5: slope 229 per unit ρ, so 20 points allow ρ ≤ 0.087
+    assert budget.choose(rows[:5], 20.0, "agreement")["name"] == "d"
     rows.append({**_row("f", 0.25, 0.60, 0.4), "method": "damage"})
-    assert budget.choose(rows, 5.0, "answers")["name"] == "f"  # another method's ladder
+    assert budget.choose(rows, 4.0, "answers")["name"] == "f"  # another method's own line
+
+
+def test_budget_margin_keeps_the_fitted_loss_plus_its_error_within_the_budget():
+    """One candidate: its loss (1.5) within 2 points, not with one standard error (1.0)
+    above it; two candidates carry both errors through the fit."""
+    from vllm_ffnskip.tools import budget
+
+    dense = _row("dense", 0.0, 0.60, 1.0)
+    b = _row("b", 0.10, 0.585, 0.98, se=0.01)
+    assert budget.choose([dense, b], 2.0, "answers")["name"] == "b"
+    assert budget.choose([dense, b], 2.0, "answers", margin=1.0) is None
+    assert budget.loss_error(b, "answers") == pytest.approx(1.0)
+    a = _row("a", 0.05, 0.595, 0.99, se=0.004)
+    slope, error = budget.loss_slope([a, b], dense, "answers")
+    assert slope == pytest.approx((0.05 * 0.5 + 0.1 * 1.5) / 0.0125)  # 14 per unit ρ
+    assert error == pytest.approx(np.sqrt(0.05**2 * 0.4**2 + 0.1**2 * 1.0**2) / 0.0125)
+    assert budget.choose([dense, a, b], 2.0, "answers", margin=1.0)["name"] == "a"
+
+
+def test_standard_error_of_the_paired_loss():
+    from vllm_ffnskip.tools.evaluate import standard_error
+
+    d = np.array([1.0, 0, 0, 0, -1.0, 1.0, 0, 0])  # 3 discordant questions of 8
+    assert standard_error(d) == pytest.approx(np.std(d, ddof=1) / np.sqrt(8))
+    assert standard_error(np.array([1.0])) == 0.0

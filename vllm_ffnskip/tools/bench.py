@@ -1,4 +1,6 @@
-"""``vllm-ffnskip bench``: decode throughput and latency, skip vs dense, in one engine.
+"""``vllm-ffnskip bench --mode engine``: decode throughput and latency, skip vs dense, in one
+offline engine (the default mode, ``served``, measures through ``vllm serve`` with vLLM's own
+client: served_bench.py; this one explains where a served figure's time goes).
 
 Skip and dense requests run on the same compiled ffnskip engine, alternating which goes
 first in each repetition, so machine noise hits both alike. Decode time is the wall time
@@ -21,6 +23,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from vllm_ffnskip.policy import policy_path
 from vllm_ffnskip.stats import collect_request_stats
 from vllm_ffnskip.tools import datasets, engine
 
@@ -47,6 +50,13 @@ def ffn_share(hf_config: Any) -> float:
     ffn = 3 * h * i
     attn = 2 * h * h + 2 * h * h_kv
     return layers * ffn / (layers * (ffn + attn) + h * hf_config.vocab_size)
+
+
+def share_of_ideal_gain(speedup: float, ideal: float) -> float:
+    """(speed-up − 1) / (ideal − 1): 1 when skipping gains all that its ρ allows, 0 when it
+    gains nothing, negative when it is slower than dense (NaN when nothing was skipped). The
+    ratio speed-up / ideal would score a run that skips nothing at 1 / ideal."""
+    return (speedup - 1) / (ideal - 1) if ideal > 1 else float("nan")
 
 
 def prompts_for(tokenizer: Any, batch: int) -> list[str]:
@@ -107,6 +117,10 @@ def skip_vs_dense(llm: Any, args: Any, phi: float) -> list[dict[str, Any]]:
         )
         skip_rate = statistics.median(s["tok_s"] for s in skip)
         dense_rate = statistics.median(s["tok_s"] for s in dense)
+        # Pairs taken back to back share the machine's state: their ratio's median is
+        # steadier than a ratio of medians on a noisy host.
+        speedup = statistics.median(s["tok_s"] / d["tok_s"] for s, d in zip(skip, dense))
+        ideal = 1 / (1 - rho * phi)
         rows.append({
             "batch": batch,
             "dense_tok_s": dense_rate,
@@ -114,12 +128,9 @@ def skip_vs_dense(llm: Any, args: Any, phi: float) -> list[dict[str, Any]]:
             "dense_tpot_ms": statistics.median(s["tpot_ms"] for s in dense),
             "skip_tpot_ms": statistics.median(s["tpot_ms"] for s in skip),
             "rho": rho,
-            # Pairs taken back to back share the machine's state: their ratio's median is
-            # steadier than a ratio of medians on a noisy host.
-            "speedup": statistics.median(
-                s["tok_s"] / d["tok_s"] for s, d in zip(skip, dense)
-            ),
-            "ideal": 1 / (1 - rho * phi),
+            "speedup": speedup,
+            "share": share_of_ideal_gain(speedup, ideal),
+            "ideal": ideal,
             "samples": {"skip": skip, "dense": dense},
         })  # fmt: skip
     return rows
@@ -174,12 +185,17 @@ def pair_overhead(plugin: list[list[float]], vanilla: list[list[float]]) -> dict
 
 
 def main(args: Any) -> None:
+    if args.mode == "served":
+        from vllm_ffnskip.tools import served_bench
+
+        served_bench.main(args)
+        return
     if args.in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read by every engine made below
     model = engine.resolve_model(args.model)
     server: dict[str, Any] = {"enabled": False}
     if args.policy:
-        server["policy_file"] = str(Path(args.policy).resolve())
+        server["policy_file"] = str(policy_path(args.policy).resolve())
     llm = engine.make_llm(
         model, server=server, eager=args.eager, max_num_seqs=max(args.batch_sizes)
     )
@@ -208,14 +224,14 @@ def main(args: Any) -> None:
         out.write_text(json.dumps(report, indent=1))
     print(f"phi (FFN share of per-token weights) = {phi:.3f}")
     print(
-        "| batch | dense tok/s | skip tok/s | dense TPOT ms | skip TPOT ms | ρ | speed-up | ideal 1/(1-ρφ) |"
+        "| batch | dense tok/s | skip tok/s | dense TPOT ms | skip TPOT ms | ρ | speed-up | ideal 1/(1-ρφ) | share of ideal gain |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(
             f"| {r['batch']} | {r['dense_tok_s']:.1f} | {r['skip_tok_s']:.1f} | "
             f"{r['dense_tpot_ms']:.1f} | {r['skip_tpot_ms']:.1f} | {r['rho']:.3f} | "
-            f"{r['speedup']:.3f} | {r['ideal']:.3f} |"
+            f"{r['speedup']:.3f} | {r['ideal']:.3f} | {r['share']:.2f} |"
         )
     if "overhead" in report:
         o = report["overhead"]

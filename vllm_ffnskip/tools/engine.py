@@ -25,6 +25,12 @@ SCORE_ALL: dict[str, Any] = {
 }
 
 
+#: The quality tools' engine: skipping off unless a request asks, and the rule applied in
+#: every pass, however wide (``max_skip_rows`` 0): they measure what the rule does to
+#: answers, which a server's dense fallback in wide passes only moves back towards dense.
+RULE_EXACT: dict[str, Any] = {"enabled": False, "max_skip_rows": 0}
+
+
 def resolve_model(model: str | None) -> str:
     """The model path: the one given, or the embedded SmolLM2-135M-Instruct (built once)."""
     if model:
@@ -45,7 +51,8 @@ def make_llm(
     max_model_len: int = 1024,
     record_scores: bool = False,
 ) -> Any:
-    """An offline engine. ``server`` is the ffnskip server default (``additional_config``);
+    """An offline engine. ``server`` is the ffnskip server default (``additional_config``;
+    default ``RULE_EXACT``);
     eager fp32 gives deterministic quality numbers, compiled mode (``eager=False``) the
     speed numbers. ``record_scores`` must be set before the workers start (they read the
     environment once), hence here."""
@@ -63,7 +70,7 @@ def make_llm(
         "seed": 0,
     }
     if impl == "ffnskip":
-        options["additional_config"] = {"ffnskip": server or {"enabled": False}}
+        options["additional_config"] = {"ffnskip": server or RULE_EXACT}
     return LLM(**options)
 
 

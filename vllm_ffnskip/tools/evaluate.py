@@ -100,6 +100,11 @@ def run_tasks(
     return result
 
 
+def standard_error(values: np.ndarray) -> float:
+    """The standard error of ``values``' mean (0 for fewer than two values)."""
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
 def score(
     run: dict, dense: dict, qa: list[dict], summ: list[dict], max_tokens: int
 ) -> dict[str, float]:
@@ -116,27 +121,25 @@ def score(
     evaluated = run["qa"]["evaluated"] + run["summ"]["evaluated"]
     qa_lens = [len(i) for i in run["qa"]["ids"]]
     dense_lens = [len(i) for i in dense["qa"]["ids"]]
+    # label-free: the reply keeps dense's whole reply (normalised, as a word span)
+    agrees = np.array(
+        [datasets.answer_correct(t, [d]) for t, d in zip(run["qa"]["texts"], dense["qa"]["texts"])],
+        dtype=float,
+    )
+    correct, dense_correct = (
+        np.array([datasets.answer_correct(t, r["answers"]) for t, r in zip(texts, qa)], dtype=float)
+        for texts in (run["qa"]["texts"], dense["qa"]["texts"])
+    )
     return {
-        # label-free: the reply keeps dense's whole reply (normalised, as a word span)
-        "dense_agreement": float(
-            np.mean(
-                [
-                    datasets.answer_correct(t, [d])
-                    for t, d in zip(run["qa"]["texts"], dense["qa"]["texts"])
-                ]
-            )
-        ),
+        "dense_agreement": float(agrees.mean()),
+        "dense_agreement_se": standard_error(agrees),
+        # of the paired per-question difference: the questions both got right or both got
+        # wrong add no noise, so this is far below an unpaired accuracy's error
+        "qa_loss_se": standard_error(dense_correct - correct),
         "qa_reply_tokens": float(np.mean(qa_lens)),
         "qa_reply_tokens_dense": float(np.mean(dense_lens)),
         "qa_at_max_tokens": float(np.mean([n >= max_tokens for n in qa_lens])),
-        "qa_accuracy": float(
-            np.mean(
-                [
-                    datasets.answer_correct(t, r["answers"])
-                    for t, r in zip(run["qa"]["texts"], qa)
-                ]
-            )
-        ),
+        "qa_accuracy": float(correct.mean()),
         "rougeL_ref": float(
             np.mean(
                 [

@@ -10,17 +10,14 @@ lm-eval forwards from a task's ``generation_kwargs``. The server binds to loopba
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from vllm_ffnskip.policy import policy_path
 from vllm_ffnskip.tools import datasets
+from vllm_ffnskip.tools.serving import vllm_server
 
 TASK_YAML = """\
 task: {name}
@@ -74,44 +71,16 @@ def write_tasks(folder: Path, split: str, max_tokens: int) -> list[str]:
     return list(VARIANTS)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(
-    model: str, policy_file: str | None, port: int, log: Path
-) -> subprocess.Popen:
+def serve_args(policy_file: str | None) -> list[str]:
+    """``vllm serve`` options: ffnskip with the policy under test as the server default."""
     config = {
         "enabled": True,
-        **({"policy_file": str(Path(policy_file).resolve())} if policy_file else {}),
+        "max_skip_rows": 0,  # the rule in every pass, as engine.RULE_EXACT
+        **({"policy_file": str(policy_path(policy_file).resolve())} if policy_file else {}),
     }
-    command = [
-        "vllm", "serve", model, "--model-impl", "ffnskip", "--host", "127.0.0.1",
-        "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len", "1024",
-        "--seed", "0", "--additional-config", json.dumps({"ffnskip": config}),
-    ]  # fmt: skip
-    env = {
-        **os.environ,
-        "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-    }
-    return subprocess.Popen(
-        command, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env
-    )
-
-
-def wait_ready(server: subprocess.Popen, port: int, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5):
-                return
-        except OSError:
-            time.sleep(2)
-    raise TimeoutError("vllm serve did not become ready")
+    return ["--model-impl", "ffnskip", "--dtype", "float32", "--enforce-eager",
+            "--max-model-len", "1024", "--seed", "0",
+            "--additional-config", json.dumps({"ffnskip": config})]  # fmt: skip
 
 
 def run(
@@ -121,36 +90,32 @@ def run(
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         tasks = write_tasks(folder, split, max_tokens)
-        server = start_server(model, policy_file, port, folder / "server.log")
         sys.path.insert(0, str(folder))  # `!function utils...` resolves beside the YAML
         try:
-            wait_ready(server, port)
-            # One call per task: with num_concurrent, lm-eval 0.4.13 sends every request of
-            # a call with the first task's generation_kwargs, so both would be dense.
-            results = {
-                task: lm_eval.simple_evaluate(
-                    model="local-chat-completions",
-                    model_args={
-                        "base_url": f"http://127.0.0.1:{port}/v1/chat/completions",
-                        "model": model,
-                        "num_concurrent": 8,
-                        "max_retries": 2,
-                    },
-                    tasks=[task],
-                    task_manager=TaskManager(include_path=str(folder)),
-                    apply_chat_template=True,
-                    limit=limit,
-                    log_samples=True,
-                )
-                for task in tasks
-            }
+            with vllm_server(model, *serve_args(policy_file), log=folder / "server.log") as url:
+                # One call per task: with num_concurrent, lm-eval 0.4.13 sends every request
+                # of a call with the first task's generation_kwargs, so both would be dense.
+                results = {
+                    task: lm_eval.simple_evaluate(
+                        model="local-chat-completions",
+                        model_args={
+                            "base_url": f"{url}/v1/chat/completions",
+                            "model": model,
+                            "num_concurrent": 8,
+                            "max_retries": 2,
+                        },
+                        tasks=[task],
+                        task_manager=TaskManager(include_path=str(folder)),
+                        apply_chat_template=True,
+                        limit=limit,
+                        log_samples=True,
+                    )
+                    for task in tasks
+                }
         finally:
-            server.terminate()
-            server.wait(timeout=60)
             sys.path.remove(str(folder))
     scores = {t: results[t]["results"][t]["acc,none"] for t in tasks}
     # Shows that vllm_xargs reached the server: skip responses differ from dense ones.
