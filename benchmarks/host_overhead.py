@@ -45,7 +45,7 @@ if __name__ == "__main__":
     for cls, name in [
         (model.FFNSkipLlamaForCausalLM, "forward"),
         (model.FFNSkipLlamaForCausalLM, "route_v1"),
-        (skip_state.SkipState, "any_eligible"),
+        (skip_state.SkipState, "runs_skip_graph"),
         (skip_state.SkipState, "begin_pass"),
         (skip_state.SkipState, "end_pass"),
     ]:

@@ -1,8 +1,10 @@
 """Share of the ideal gain and speed-up against concurrency, from ``vllm-ffnskip bench``
 (served) reports, one line per report (e.g. fp32 and bf16).
 
-    python benchmarks/plot_served_share.py /tmp/served_fp32.json /tmp/served_bf16.json \
-        --out docs/served_share.png
+    python benchmarks/plot_served_share.py docs/served_fp32.json docs/served_bf16.json \
+        docs/served_fp32_before_fallback.json --out docs/served_share.png
+
+A report may carry a ``label`` (default: its dtype).
 """
 
 from __future__ import annotations
@@ -27,11 +29,12 @@ def main() -> None:
         report = json.loads(Path(path).read_text())
         rows = report["rows"]
         c = [r["concurrency"] for r in rows]
-        label = f"{report['dtype']}, ρ {min(r['rho'] for r in rows):.2f}–{max(r['rho'] for r in rows):.2f}"
-        share.plot(c, [r["share"] for r in rows], "o-", label=label)
-        speed.plot(c, [r["speedup"] for r in rows], "o-", label=f"{report['dtype']} measured")
+        name = report.get("label", report["dtype"])
+        # a point with nothing skipped (ρ 0: the dense fallback) has no ideal gain to share
+        share.plot(c, [r["share"] for r in rows], "o-", label=name)
+        speed.plot(c, [r["speedup"] for r in rows], "o-", label=f"{name}: measured")
         speed.plot(c, [r["ideal"] for r in rows], ":", color=speed.lines[-1].get_color(),
-                   label=f"{report['dtype']} ideal 1/(1−ρφ)")  # fmt: skip
+                   label=f"{name}: ideal 1/(1−ρφ)")  # fmt: skip
     for ax in (share, speed):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent requests (vllm bench serve --max-concurrency)")

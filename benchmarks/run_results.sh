@@ -40,5 +40,5 @@ vllm-ffnskip eval --split test --sweep 0.97,0.975,0.98,0.985 \
 PYTHONPATH=. python benchmarks/rule_variants.py --split test --out docs/rule_variants.png
 
 # Speed: compiled mode, nothing else running on the machine.
-vllm-ffnskip bench --batch-sizes 1,8,32 --output-tokens 128 --repeats 3 --overhead-repeats 3 \
+vllm-ffnskip bench --mode engine --batch-sizes 1,8,32 --output-tokens 128 --repeats 3 --overhead-repeats 3 \
   --out "$OUT/bench.json"
