@@ -39,6 +39,14 @@ vllm-ffnskip eval --split test --sweep 0.97,0.975,0.98,0.985 \
 # Rules other than the greedy cosine rule (confidence gate, the authors' variant).
 PYTHONPATH=. python benchmarks/rule_variants.py --split test --out docs/rule_variants.png
 
-# Speed: compiled mode, nothing else running on the machine.
+# Speed, served (the users' measure): compiled mode, one server, nothing else running on the machine.
+for dtype in float32 bfloat16; do
+  vllm-ffnskip bench --dtype "$dtype" --policy smollm2-135m-instruct-aggressive --output-len 64 \
+    --prompts-per-stream 2 --out "docs/served_$([ "$dtype" = float32 ] && echo fp32 || echo bf16).json"
+done
+python benchmarks/plot_served_share.py docs/served_fp32.json docs/served_bf16.json \
+  docs/served_fp32_before_fallback.json --out docs/served_share.png
+# Where the time goes: one offline engine (in-process and with vLLM's processes), and the
+# dense-path overhead against vanilla.
 vllm-ffnskip bench --mode engine --batch-sizes 1,8,32 --output-tokens 128 --repeats 3 --overhead-repeats 3 \
   --out "$OUT/bench.json"
