@@ -187,9 +187,10 @@ def test_aborted_requests_free_their_skip_state(skip_llm):
 
 
 def test_wide_passes_run_the_dense_graph(embedded_model, vanilla_ids):
-    """The default ``max_skip_rows``: a skipping request skips alone; beside another request
+    """The default ``max_skip_rows``: a skipping request skips alone; beside dense requests
     every pass is wider than that, so the dense graph runs it: its tokens equal vanilla's and
-    its blocks count as evaluated, none as skipped."""
+    its blocks count as evaluated, none as skipped. (It is added first, so it never runs a
+    step with fewer rows: the offline engine may start a step before the last request is in.)"""
     from vllm_ffnskip.policy import DEFAULT_MAX_SKIP_ROWS
 
     width = DEFAULT_MAX_SKIP_ROWS + 1
@@ -205,10 +206,6 @@ def test_wide_passes_run_the_dense_graph(embedded_model, vanilla_ids):
         counts = wide[0].ffnskip
         assert (counts["ffn_blocks_skipped"], counts["ffn_blocks_evaluated"]) == (
             0, (MAX_TOKENS - 1) * LAYERS)
-        # all skipping, and as wide: dense graph too
-        both = llm.generate(PROMPTS[:width], greedy(xargs))
-        assert token_ids(both) == vanilla_ids[:width]
-        assert all(o.ffnskip["ffn_blocks_skipped"] == 0 for o in both)
     finally:
         close_llm(llm)
 

@@ -24,6 +24,8 @@ def client(embedded_model: str) -> Iterator[openai.OpenAI]:
     with vllm_server(
         embedded_model, "--model-impl", "ffnskip", "--dtype", "float32", "--enforce-eager",
         "--max-model-len", "1024", "--served-model-name", "smollm2",
+        # the rule in every pass, however wide: the load tests run skipping rows beside dense ones
+        "--additional-config", '{"ffnskip": {"enabled": true, "max_skip_rows": 0}}',
     ) as url:
         yield openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
 
