@@ -94,6 +94,11 @@ class RequestSkipState:
             span=int(wire["span"]),
         )
 
+    @property
+    def first_eligible(self) -> int:
+        """The first position that may skip: the first decode token past the warm-up."""
+        return self.prompt_len + self.warmup
+
     @cached_property
     def hot_layers(self) -> np.ndarray:
         """[num_layers] bool: the layers outside this request's cold regions."""
@@ -158,7 +163,7 @@ class SkipState(nn.Module):
         self.slot_thresholds[slot].copy_(
             torch.from_numpy(state.thresholds).to(device, non_blocking=True)
         )
-        self.slot_start[slot] = state.prompt_len + state.warmup
+        self.slot_start[slot] = state.first_eligible
         self.slot_counted_from[slot] = state.counted_from
         self.slot_span[slot] = state.span
         self.slot_skipped[slot] = 0
@@ -230,7 +235,7 @@ class SkipState(nn.Module):
         positions grow within the pass, so its last token decides."""
         for i in np.flatnonzero(batch_slots != self.no_slot).tolist():
             state = self.requests[int(batch_slots[i])]
-            if positions[query_start_loc[i + 1] - 1] >= state.prompt_len + state.warmup:
+            if positions[query_start_loc[i + 1] - 1] >= state.first_eligible:
                 return True
         return False
 
@@ -256,7 +261,7 @@ class SkipState(nn.Module):
             return False  # wider than max_rows, or a prefill chunk (more tokens than rows)
         for i, slot in enumerate(batch_slots.tolist()):
             state = self.requests.get(slot)
-            if state is None or positions[i] < state.prompt_len + state.warmup:
+            if state is None or positions[i] < state.first_eligible:
                 return False
         return True
 
