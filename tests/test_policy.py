@@ -99,6 +99,8 @@ def test_cold_regions_covering_every_layer_are_rejected():
         ([], "ffnskip"),
         ({"max_skip_rows": -1}, "ffnskip.max_skip_rows"),
         ({"max_skip_rows": True}, "ffnskip.max_skip_rows"),
+        ({"wide_skip_rows": -1}, "ffnskip.wide_skip_rows"),
+        ({"wide_skip_rows": 1.5}, "ffnskip.wide_skip_rows"),
     ],
 )
 def test_invalid_server_config(config, field):
@@ -107,12 +109,16 @@ def test_invalid_server_config(config, field):
     assert err.value.field == field
 
 
-def test_max_skip_rows_shapes_passes_not_the_policy():
-    from vllm_ffnskip.policy import DEFAULT_MAX_SKIP_ROWS, max_skip_rows
+def test_pass_keys_shape_passes_not_the_policy():
+    from vllm_ffnskip.policy import (
+        DEFAULT_MAX_SKIP_ROWS, DEFAULT_WIDE_SKIP_ROWS, max_skip_rows, wide_skip_rows)
 
-    assert parse_server_config({"max_skip_rows": 0}) == parse_server_config({})
-    assert max_skip_rows({"max_skip_rows": 0}) == 0 and max_skip_rows({"threshold": 0.9}) == 2
+    config = {"max_skip_rows": 0, "wide_skip_rows": 4}
+    assert parse_server_config(config) == parse_server_config({})
+    assert max_skip_rows(config) == 0 and max_skip_rows({"threshold": 0.9}) == 2
+    assert wide_skip_rows(config) == 4 and wide_skip_rows({"threshold": 0.9}) == 16
     assert max_skip_rows(None) == DEFAULT_MAX_SKIP_ROWS
+    assert wide_skip_rows(None) == DEFAULT_WIDE_SKIP_ROWS
 
 
 def test_malformed_policy_file_names_path_and_reason(tmp_path):

@@ -98,7 +98,8 @@ def test_v1_runs_the_skip_graph_only_where_it_can_save(state):
     """V1's host choice between the graphs. ``max_rows`` 0: any pass with an eligible token.
     Else only passes of at most ``max_rows`` rows, each an eligible decode token of a
     skipping request; a dense neighbour, a token in warm-up or a prefill chunk rules a pass
-    out (a layer saves only when every row skips it)."""
+    out (a layer saves only when every row skips it). And a pass with at least ``wide_rows``
+    eligible tokens, whatever its width (its layers gather the rows that run)."""
     prompt, warmup = 4, 1
     tracker = SkipPolicyTracker(None, torch.device("cpu"), False)
     added = [(0, params("a", warmup), [1] * prompt, []), (1, params("b", warmup), [1] * prompt, []),
@@ -107,10 +108,12 @@ def test_v1_runs_the_skip_graph_only_where_it_can_save(state):
     slots = tracker.batch_slots(3)
     assert slots[2] == state.no_slot and slots[0] != state.no_slot
 
-    def skip_graph(positions: list[int], max_rows: int, rows: int | None = None) -> bool:
+    def skip_graph(
+        positions: list[int], max_rows: int, rows: int | None = None, wide_rows: int = 0
+    ) -> bool:
         rows = len(positions) if rows is None else rows
         qsl = np.arange(rows + 1) if rows == len(positions) else np.array([0, len(positions)])
-        return state.runs_skip_graph(qsl, slots[:rows], np.array(positions), max_rows)
+        return state.runs_skip_graph(qsl, slots[:rows], np.array(positions), max_rows, wide_rows)
 
     eligible, in_warmup = prompt + warmup, prompt
     assert skip_graph([eligible], 1) and not skip_graph([in_warmup], 1)
@@ -121,6 +124,13 @@ def test_v1_runs_the_skip_graph_only_where_it_can_save(state):
     assert skip_graph([eligible, eligible, eligible], 0)
     assert not skip_graph(list(range(eligible + 1)), 8, rows=1)  # a prefill chunk
     assert skip_graph(list(range(eligible + 1)), 0, rows=1)  # its last token is eligible
+    # Wide passes: eligible tokens counted across rows, a dense neighbour or not.
+    assert skip_graph([eligible, eligible + 3, eligible], 1, wide_rows=2)
+    assert not skip_graph([in_warmup, eligible, eligible], 1, wide_rows=2)  # one eligible
+    assert skip_graph([in_warmup, eligible, eligible], 1, wide_rows=1)
+    # A recomputed request (prefill past its first eligible position): 2 of its tokens may skip.
+    assert skip_graph(list(range(eligible + 2)), 1, rows=1, wide_rows=2)
+    assert not skip_graph(list(range(eligible + 2)), 1, rows=1, wide_rows=3)
 
 
 def test_moved_rows_keep_their_slots_and_counts(state):

@@ -4,8 +4,10 @@
 inside the model's compiled graph, with the mask read on the device. Three forms:
 
 * ``cond`` (the CPU): ``torch.cond`` runs the MLP only when some row of the pass runs it, so a
-  layer that every row skips reads no FFN weights; rows skipped beside running ones are
-  masked. The fastest form measured on the CPU (docs/results.md §4).
+  layer that every row skips reads no FFN weights. Where only some rows run, a second
+  ``torch.cond`` gathers them (``running_rows_mlp``): from about 16 rows an FFN on this CPU is
+  compute-bound, and k running rows cost about k rows. The fastest form measured on the CPU
+  (docs/results.md §4).
 * ``kernel`` (CUDA, unquantized MLPs): the custom op ``vllm::ffnskip_masked_mlp`` writes
   into an output allocated in the graph; it runs the Triton kernel whose programs exit
   before loading weights when all their rows skip (kernels/). No host value is read, so
@@ -23,6 +25,7 @@ interpreter (tests/kernels/).
 from __future__ import annotations
 
 import os
+from functools import partial
 
 import torch
 from torch import nn
@@ -88,6 +91,29 @@ def form_for(mlp: nn.Module) -> str:
     return "kernel" if plain_weights(mlp) else "mask"
 
 
+def running_rows_mlp(mlp: nn.Module, x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+    """``mlp`` on the rows where ``run`` is set (some, not all), gathered first; other rows 0.
+
+    The gather holds at least two rows: oneDNN computes a one-row GEMM another way (a GEMV),
+    whose rounding differs, while a row computed among any two or more rows is bit-identical
+    to the same row among all (benchmarks/row_gather.py), so dense rows keep their tokens.
+    The row count is read from the device (``.item()``: an unbacked size), which Dynamo
+    accepts inside a ``torch.cond`` branch (tests/test_masked_mlp.py traces it).
+    """
+    t = x.shape[0]
+    k = run.sum()
+    n = torch.where((k == 1) & (t > 1), 2, k).item()
+    torch._check(n >= 0)
+    torch._check(n <= t)
+    rows = torch.argsort((~run).to(torch.int8), stable=True)[:n]  # running rows first
+    return torch.zeros_like(x).index_copy(0, rows, mlp(x.index_select(0, rows)))
+
+
+def _some_rows_mlp(mlp: nn.Module, x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+    """The ``cond`` form's MLP once some row runs: every row (no gather) when all run."""
+    return torch.cond(run.all(), lambda x, run: mlp(x), partial(running_rows_mlp, mlp), (x, run))
+
+
 def masked_mlp(form: str, mlp: nn.Module, x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
     """``mlp(x)`` on rows where ``run`` is set, exactly 0 elsewhere; traced into the graph."""
     if form == "kernel":
@@ -100,7 +126,9 @@ def masked_mlp(form: str, mlp: nn.Module, x: torch.Tensor, run: torch.Tensor) ->
             out = tensor_model_parallel_all_reduce(out)
         return out
     if form == "cond":
-        out = torch.cond(run.any(), mlp, torch.zeros_like, (x,))
+        out = torch.cond(
+            run.any(), partial(_some_rows_mlp, mlp), lambda x, run: torch.zeros_like(x), (x, run)
+        )
     else:
         out = mlp(x)
     # Outside the branch, inductor fuses this mask into the next kernel (inside it, it was a

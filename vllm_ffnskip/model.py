@@ -5,8 +5,9 @@ composed with ``layer_type=``); only the decoder layer's FFN call changes, to th
 driver (skip_state.py) on every platform. Under vLLM's V1 runner (the CPU) a pass that cannot
 save runs a second compiled graph over the same modules with vLLM's own decoder-layer forward
 (``DenseLlamaModel``): one in which no token may skip, so dense traffic pays nothing for the
-plugin, and one wider than the server's ``max_skip_rows`` or with a row that cannot skip
-(``SkipState.runs_skip_graph``), where skipping would cost the rule and save nothing.
+plugin, and one where skipping would cost the rule and save less (``SkipState.runs_skip_graph``:
+wider than the server's ``max_skip_rows`` or with a row that cannot skip, unless at least
+``wide_skip_rows`` of its tokens may skip).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_ffnskip.masked_mlp import form_for
 from vllm_ffnskip.patches.model_impl import key_compile_cache_by_stage
-from vllm_ffnskip.policy import max_skip_rows
+from vllm_ffnskip.policy import max_skip_rows, wide_skip_rows
 from vllm_ffnskip.skip_state import SkipState
 from vllm_ffnskip.tracker import SkipPolicyTracker
 
@@ -133,7 +134,9 @@ class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
             )
             object.__setattr__(self, "dense_model", dense_model)
         self.skip_graph_ready = False
-        self.max_skip_rows = max_skip_rows((vllm_config.additional_config or {}).get("ffnskip"))
+        server_config = (vllm_config.additional_config or {}).get("ffnskip")
+        self.max_skip_rows = max_skip_rows(server_config)
+        self.wide_skip_rows = wide_skip_rows(server_config)
         self.stage_layers = range(self.model.start_layer, self.model.end_layer)
         key_compile_cache_by_stage(vllm_config, self.stage_layers)
         scheduler_config = vllm_config.scheduler_config
@@ -169,7 +172,8 @@ class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
         """V1 (the CPU): route this pass's tokens from the tracker's rows and the step's
         ``query_start_loc`` (request ``i`` owns tokens ``qsl[i]:qsl[i+1]``). Returns whether
         a skipping request is in the pass, and whether the pass runs the skip graph
-        (``SkipState.runs_skip_graph``, bounded by the server's ``max_skip_rows``)."""
+        (``SkipState.runs_skip_graph``, by the server's ``max_skip_rows`` and
+        ``wide_skip_rows``)."""
         tracker = SkipPolicyTracker.current
         if tracker is None or not (tracker.rows or self.skip_state.routed):
             return False, False
@@ -181,7 +185,7 @@ class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
         if not self.skip_state.route(qsl, slots, positions.shape[0]):
             return False, False
         return True, self.skip_state.runs_skip_graph(
-            qsl, slots, positions.numpy(), self.max_skip_rows
+            qsl, slots, positions.numpy(), self.max_skip_rows, self.wide_skip_rows
         )
 
     def forward(

@@ -36,8 +36,10 @@ REQUEST_KEYS: dict[str, str] = {
 #: Server-config keys (``--additional-config '{"ffnskip": {...}}'``) beside the policy fields.
 SERVER_KEYS = (
     "enabled", "threshold", "warmup", "cold_start", "cold_end", "span", "policy_file",
-    "max_skip_rows",
+    "max_skip_rows", "wide_skip_rows",
 )  # fmt: skip
+#: Server keys that shape passes (which compiled graph a pass runs), not the policy.
+PASS_KEYS = ("max_skip_rows", "wide_skip_rows")
 #: Under vLLM's V1 runner (the CPU), the most rows a pass may have and still run the
 #: skip-aware graph; a larger pass, or one with a row that cannot skip, runs the dense graph
 #: (0: every pass with an eligible token runs the skip graph, the rule applied exactly).
@@ -45,6 +47,11 @@ SERVER_KEYS = (
 #: (docs/results.md §4), skipping gained 1.14x at 1 concurrent request, 1.07x at 2, nothing at
 #: 4 and lost 3% at 8.
 DEFAULT_MAX_SKIP_ROWS = 2
+#: Under V1, a pass wider than ``max_skip_rows`` still runs the skip-aware graph when at least
+#: this many of its tokens may skip (0: never). There the ``cond`` form gathers the rows that run
+#: a layer; an FFN of 16 or more rows is compute-bound on a CPU, so the skipped rows save
+#: their share, while at 8 rows the gather costs what it saves (docs/results.md §4).
+DEFAULT_WIDE_SKIP_ROWS = 16
 #: Keys a policy file may hold.
 FILE_KEYS = ("threshold", "layer_thresholds", "warmup", "cold_start", "cold_end", "span")
 
@@ -218,11 +225,11 @@ def parse_server_config(config: Any, base: SkipPolicy = SkipPolicy()) -> SkipPol
         if not isinstance(config["policy_file"], str):
             raise PolicyError("ffnskip.policy_file", "must be a path string")
         policy = load_policy_file(config["policy_file"], policy)
-    max_skip_rows(config)  # validated at start, with the policy
+    max_skip_rows(config), wide_skip_rows(config)  # validated at start, with the policy
     updates = {
         key: _field_value(key, f"ffnskip.{key}", config[key])
         for key in SERVER_KEYS
-        if key in config and key not in ("policy_file", "max_skip_rows")
+        if key in config and key != "policy_file" and key not in PASS_KEYS
     }
     if "threshold" in updates:
         updates["layer_thresholds"] = None
@@ -233,6 +240,12 @@ def max_skip_rows(config: Mapping[str, Any] | None) -> int:
     """The server's ``max_skip_rows`` (``DEFAULT_MAX_SKIP_ROWS`` when unset)."""
     value = (config or {}).get("max_skip_rows", DEFAULT_MAX_SKIP_ROWS)
     return _check_int("ffnskip.max_skip_rows", value, 0)
+
+
+def wide_skip_rows(config: Mapping[str, Any] | None) -> int:
+    """The server's ``wide_skip_rows`` (``DEFAULT_WIDE_SKIP_ROWS`` when unset)."""
+    value = (config or {}).get("wide_skip_rows", DEFAULT_WIDE_SKIP_ROWS)
+    return _check_int("ffnskip.wide_skip_rows", value, 0)
 
 
 def parse_request(

@@ -245,18 +245,22 @@ class SkipState(nn.Module):
         batch_slots: np.ndarray,
         positions: np.ndarray,
         max_rows: int,
+        wide_rows: int = 0,
     ) -> bool:
         """Whether the pass runs the skip graph (V1, the CPU's host choice between graphs).
 
-        With ``max_rows`` 0: when some token is eligible (the rule applied exactly). Else only
-        a pass of at most ``max_rows`` rows that are all eligible decode tokens: the ``cond``
-        form saves a layer's FFN only when every row skips it, so a pass with a row that
-        cannot skip saves nothing, and a wider one too little to repay the rule's cost; the
-        dense graph runs it at vLLM's speed, and its tokens count as evaluated, not skipped.
+        With ``max_rows`` 0: when some token is eligible (the rule applied exactly). Else a
+        pass of at most ``max_rows`` rows that are all eligible decode tokens, where a layer
+        that every row skips reads no weights; or a pass with at least ``wide_rows`` (> 0)
+        eligible tokens, where the ``cond`` form computes only the rows that run a layer
+        and an FFN that wide is compute-bound. Any other pass would pay the rule and save
+        less: the dense graph runs it at vLLM's speed, and its tokens count as evaluated.
         """
         if not max_rows:
             return self.any_eligible(query_start_loc, batch_slots, positions)
         rows = len(batch_slots)
+        if wide_rows and self.eligible_tokens(query_start_loc, batch_slots, positions) >= wide_rows:
+            return True
         if len(positions) > max_rows or query_start_loc[rows] != rows or rows != len(positions):
             return False  # wider than max_rows, or a prefill chunk (more tokens than rows)
         for i, slot in enumerate(batch_slots.tolist()):
@@ -264,6 +268,18 @@ class SkipState(nn.Module):
             if state is None or positions[i] < state.first_eligible:
                 return False
         return True
+
+    def eligible_tokens(
+        self, query_start_loc: np.ndarray, batch_slots: np.ndarray, positions: np.ndarray
+    ) -> int:
+        """The pass's tokens that may skip (a request's positions are consecutive, so its
+        last one says how many of its tokens are past its first eligible position)."""
+        count = 0
+        for i in np.flatnonzero(batch_slots != self.no_slot).tolist():
+            start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
+            past = int(positions[end - 1]) - self.requests[int(batch_slots[i])].first_eligible + 1
+            count += min(max(past, 0), end - start)
+        return count
 
     def begin_pass(self, num_tokens: int, incoming_budget: torch.Tensor | None) -> None:
         """Device ops before the graph: no skips yet; budgets from the previous pipeline

@@ -217,7 +217,7 @@ def test_explicit_threshold_is_rendered(render, policy, tmp_path, threshold):
 
 @pytest.mark.parametrize("key,value", [("enabled", False), ("warmup", 0), ("cold_start", 3),
                                        ("cold_end", 0), ("span", 2), ("policy_file", "/p.json"),
-                                       ("max_skip_rows", 0)])
+                                       ("max_skip_rows", 0), ("wide_skip_rows", 0)])
 def test_only_keys_set_are_rendered(render, key, value):
     assert _additional_config(render({"ffnskip": {key: value}})) == {**DEFAULT_FFNSKIP, key: value}
 

@@ -36,10 +36,11 @@ SERVED_NAME = "ffnskip-bench"
 COUNTERS = "vllm_ffnskip_ffn_blocks_"
 
 
-def serve_args(impl: str, args: Any) -> list[str]:
-    """``vllm serve`` options of the benchmarked server."""
+def serve_args(impl: str, args: Any, max_num_seqs: int) -> list[str]:
+    """``vllm serve`` options of the benchmarked server (``max_num_seqs``: its top concurrency,
+    so no run queues behind the scheduler's limit)."""
     options = ["--model-impl", impl, "--dtype", args.dtype, "--served-model-name", SERVED_NAME,
-               "--max-num-seqs", str(max(args.concurrency)), "--max-model-len", "1024",
+               "--max-num-seqs", str(max_num_seqs), "--max-model-len", "1024",
                "--seed", "0"]  # fmt: skip
     if args.eager:
         options.append("--enforce-eager")
@@ -151,8 +152,8 @@ def overhead(model: str, args: Any) -> dict[str, Any]:
     for _, impl in tqdm(starts, desc="dense vs vanilla servers", unit="server"):
         kind = "ffnskip-off" if impl == "ffnskip" else "vanilla"
         xargs = dict(engine.DENSE) if impl == "ffnskip" else None
-        with vllm_server(model, *serve_args(impl, args)) as url:
-            top = max(args.overhead_concurrency)
+        top = max(args.overhead_concurrency)
+        with vllm_server(model, *serve_args(impl, args, top)) as url:
             bench_serve(url, model, top, xargs, args, prompts=top)  # warm-up
             for c in args.overhead_concurrency:
                 runs = [bench_serve(url, model, c, xargs, args)["tok_s"] for _ in range(args.rounds)]
@@ -169,7 +170,7 @@ def overhead(model: str, args: Any) -> dict[str, Any]:
 def main(args: Any) -> None:
     model = engine.resolve_model(args.model)
     phi = ffn_share(AutoConfig.from_pretrained(model))
-    with vllm_server(model, *serve_args("ffnskip", args)) as url:
+    with vllm_server(model, *serve_args("ffnskip", args, max(args.concurrency))) as url:
         rows = skip_vs_dense(url, model, args, phi)
     report: dict[str, Any] = {
         "mode": "served",

@@ -1,0 +1,78 @@
+"""The CPU's ``cond`` form of the masked MLP: which rows its MLP computes, and what it returns,
+eagerly and compiled as vLLM compiles the skip graph (one graph for every pass width)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from vllm_ffnskip.masked_mlp import masked_mlp
+
+HIDDEN = 8
+
+
+class RowCountMLP(nn.Module):
+    """A stand-in MLP whose every output row carries the number of rows it was computed
+    among (``torch.cond`` traces its branches even eagerly, so the count cannot be recorded
+    as a side effect), and is never 0 (a zero row was not computed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(HIDDEN, HIDDEN, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.proj(x)) + 2.0 + 1000.0 * x.shape[0]
+
+    def expected(self, x: torch.Tensor, computed_rows: int) -> torch.Tensor:
+        return torch.tanh(self.proj(x)) + 2.0 + 1000.0 * computed_rows
+
+
+@pytest.mark.parametrize(
+    "run,computed",  # computed: how many rows the MLP computes
+    [
+        ([True], 1),
+        ([False], 0),  # nothing runs: no MLP call, no weights read
+        ([True, True, True, True], 4),  # every row runs: no gather
+        ([False, True, False, True], 2),
+        ([True, False, False, False], 2),  # one row: gathered with a neighbour (not a GEMV)
+        ([False, False, False, False], 0),
+        ([True, True, False, True, False, True], 4),
+    ],
+)
+def test_cond_form_computes_only_the_running_rows(run, computed):
+    torch.manual_seed(0)
+    mlp = RowCountMLP()
+    run = torch.tensor(run)
+    x = torch.randn(len(run), HIDDEN)
+    with torch.no_grad():
+        out = masked_mlp("cond", mlp, x, run)
+        expected = mlp.expected(x, computed)
+    assert torch.equal(out[run], expected[run])
+    assert torch.equal(out[~run], torch.zeros_like(out[~run]))
+
+
+def test_cond_form_compiles_with_a_dynamic_width():
+    """One dynamic-shape graph, as vLLM traces the skip graph (``fullgraph``: the gather's row
+    count, read from the device, must not break it): every width and mask gives the eager
+    result, with no recompilation."""
+    torch.manual_seed(0)
+    mlp = RowCountMLP()
+    calls = []
+
+    def layer(x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
+        return masked_mlp("cond", mlp, x, run)
+
+    def backend(gm, example_inputs):
+        calls.append(gm)
+        return gm
+
+    compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=True)
+    with torch.no_grad():
+        for t, running in [(4, [0, 2]), (6, [1]), (6, []), (6, range(6)), (9, [3, 4, 8])]:
+            x = torch.randn(t, HIDDEN)
+            run = torch.zeros(t, dtype=torch.bool)
+            run[list(running)] = True
+            got = compiled(x, run)
+            assert torch.equal(got, layer(x, run)), (t, running)
+    assert len(calls) == 1
