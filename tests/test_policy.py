@@ -116,7 +116,7 @@ def test_pass_keys_shape_passes_not_the_policy():
     config = {"max_skip_rows": 0, "wide_skip_rows": 4}
     assert parse_server_config(config) == parse_server_config({})
     assert max_skip_rows(config) == 0 and max_skip_rows({"threshold": 0.9}) == 2
-    assert wide_skip_rows(config) == 4 and wide_skip_rows({"threshold": 0.9}) == 16
+    assert wide_skip_rows(config) == 4 and wide_skip_rows({"threshold": 0.9}) == 0
     assert max_skip_rows(None) == DEFAULT_MAX_SKIP_ROWS
     assert wide_skip_rows(None) == DEFAULT_WIDE_SKIP_ROWS
 

@@ -49,9 +49,10 @@ PASS_KEYS = ("max_skip_rows", "wide_skip_rows")
 DEFAULT_MAX_SKIP_ROWS = 2
 #: Under V1, a pass wider than ``max_skip_rows`` still runs the skip-aware graph when at least
 #: this many of its tokens may skip (0: never). There the ``cond`` form gathers the rows that run
-#: a layer; an FFN of 16 or more rows is compute-bound on a CPU, so the skipped rows save
-#: their share, while at 8 rows the gather costs what it saves (docs/results.md §4).
-DEFAULT_WIDE_SKIP_ROWS = 16
+#: a layer, so skipped rows save their FFN compute. Off by default: served on the embedded
+#: model on 2 cores (docs/results.md §4) it gained nothing measurable at 32 and 64 concurrent
+#: requests (1.01x, 1.04x, within the ±10% noise) and may have lost at 16 (0.92x).
+DEFAULT_WIDE_SKIP_ROWS = 0
 #: Keys a policy file may hold.
 FILE_KEYS = ("threshold", "layer_thresholds", "warmup", "cold_start", "cold_end", "span")
 
