@@ -1,4 +1,4 @@
-"""The CPU's ``cond`` form of the masked MLP: which rows its MLP computes, and what it returns,
+"""The CPU's ``gather`` form of the masked MLP: which rows its MLP computes, and what it returns,
 eagerly and compiled as vLLM compiles the skip graph (one graph for every pass width)."""
 
 from __future__ import annotations
@@ -40,19 +40,19 @@ class RowCountMLP(nn.Module):
         ([True, True, False, True, False, True], 4),
     ],
 )
-def test_cond_form_computes_only_the_running_rows(run, computed):
+def test_gather_form_computes_only_the_running_rows(run, computed):
     torch.manual_seed(0)
     mlp = RowCountMLP()
     run = torch.tensor(run)
     x = torch.randn(len(run), HIDDEN)
     with torch.no_grad():
-        out = masked_mlp("cond", mlp, x, run)
+        out = masked_mlp("gather", mlp, x, run)
         expected = mlp.expected(x, computed)
     assert torch.equal(out[run], expected[run])
     assert torch.equal(out[~run], torch.zeros_like(out[~run]))
 
 
-def test_cond_form_compiles_with_a_dynamic_width():
+def test_gather_form_compiles_with_a_dynamic_width():
     """One dynamic-shape graph, as vLLM traces the skip graph (``fullgraph``: the gather's row
     count, read from the device, must not break it): every width and mask gives the eager
     result, with no recompilation."""
@@ -61,7 +61,7 @@ def test_cond_form_compiles_with_a_dynamic_width():
     calls = []
 
     def layer(x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
-        return masked_mlp("cond", mlp, x, run)
+        return masked_mlp("gather", mlp, x, run)
 
     def backend(gm, example_inputs):
         calls.append(gm)
@@ -76,3 +76,29 @@ def test_cond_form_compiles_with_a_dynamic_width():
             got = compiled(x, run)
             assert torch.equal(got, layer(x, run)), (t, running)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_rows_do_not_depend_on_their_neighbours(dtype):
+    """Why the gather keeps dense rows' tokens: vLLM's CPU GEMM (``onednn_mm``, as its linear
+    layers call it) gives a row computed among any k >= 2 gathered rows bit for bit what it
+    gives among all T (one row alone is a GEMV, which ``running_rows_mlp`` never runs)."""
+    from vllm import _custom_ops as ops
+
+    if not ops._supports_onednn:
+        pytest.skip("this vLLM build has no oneDNN GEMM")
+    torch.manual_seed(0)
+    hidden, inter = 576, 1536  # the embedded model's MLP
+    gate_up = ops.create_onednn_mm((torch.randn(2 * inter, hidden) * 0.02).to(dtype).t(), 32)
+    down = ops.create_onednn_mm((torch.randn(hidden, inter) * 0.02).to(dtype).t(), 32)
+
+    def mlp(x: torch.Tensor) -> torch.Tensor:
+        gate, up = ops.onednn_mm(gate_up, x, None).chunk(2, dim=-1)
+        return ops.onednn_mm(down, torch.nn.functional.silu(gate) * up, None)
+
+    for t in [*range(2, 17), 24, 32]:
+        x = torch.randn(t, hidden, dtype=dtype)
+        every_row = mlp(x)
+        for k in range(2, t + 1):
+            rows = torch.randperm(t)[:k].sort().values
+            assert torch.equal(mlp(x[rows]), every_row[rows]), (t, k)

@@ -248,9 +248,9 @@ def test_dummy_pass_runs_the_skip_graph_all_dense(state, model_state):
     assert state.token_slot.tolist() == [state.no_slot] * MAX_TOKENS
 
 
-@pytest.mark.parametrize("form", ["cond", "mask", "kernel"])
+@pytest.mark.parametrize("form", ["cond", "gather", "mask", "kernel"])
 def test_every_masked_mlp_form_gives_the_same_pass(state, form):
-    """The three forms of the primitive, eagerly: equal outputs, equal counts."""
+    """The four forms of the primitive, eagerly: equal outputs, equal counts."""
     from vllm_ffnskip.skip_state import RequestSkipState
 
     wire = params("r", span=1).extra_args[RESOLVED_KEY]

@@ -1,13 +1,17 @@
 """The one platform-specific primitive of skipping: a decoder layer's MLP under a row mask.
 
 ``masked_mlp(mlp, x, run)`` is the MLP on rows where ``run`` is set and exactly 0 elsewhere,
-inside the model's compiled graph, with the mask read on the device. Three forms:
+inside the model's compiled graph, with the mask read on the device. Four forms:
 
 * ``cond`` (the CPU): ``torch.cond`` runs the MLP only when some row of the pass runs it, so a
-  layer that every row skips reads no FFN weights. Where only some rows run, a second
-  ``torch.cond`` gathers them (``running_rows_mlp``): from about 16 rows an FFN on this CPU is
-  compute-bound, and k running rows cost about k rows. The fastest form measured on the CPU
-  (docs/results.md §4).
+  layer that every row skips reads no FFN weights; rows skipped beside running ones are
+  masked. The fastest form measured on the CPU for the passes the default server runs in the
+  skip graph (at most ``max_skip_rows`` rows, docs/results.md §4).
+* ``gather`` (the CPU, when the server runs wide passes in the skip graph: ``max_skip_rows``
+  0 or ``wide_skip_rows`` set): as ``cond``, and where only some rows run, a second
+  ``torch.cond`` gathers them (``running_rows_mlp``), so k running rows of a compute-bound
+  FFN cost about k rows. That second branch would cost the default's narrow passes a
+  ``torch.cond`` per layer for nothing (at 2 rows the gather holds both), hence two forms.
 * ``kernel`` (CUDA, unquantized MLPs): the custom op ``vllm::ffnskip_masked_mlp`` writes
   into an output allocated in the graph; it runs the Triton kernel whose programs exit
   before loading weights when all their rows skip (kernels/). No host value is read, so
@@ -38,7 +42,7 @@ from vllm_ffnskip.kernels import skip_mlp
 
 #: Forces a form (``cond``, ``kernel`` or ``mask``) on any platform (tests).
 FORM_ENV = "VLLM_FFNSKIP_MASKED_MLP"
-FORMS = ("cond", "kernel", "mask")
+FORMS = ("cond", "gather", "kernel", "mask")
 
 
 def _ffnskip_masked_mlp(
@@ -77,8 +81,10 @@ def plain_weights(mlp: nn.Module) -> bool:
     )
 
 
-def form_for(mlp: nn.Module) -> str:
-    """The form this layer's MLP runs in on this platform (fixed at model construction)."""
+def form_for(mlp: nn.Module, wide_passes: bool) -> str:
+    """The form this layer's MLP runs in on this platform (fixed at model construction);
+    ``wide_passes``: whether the server runs passes wider than its narrow ones in the skip
+    graph (``policy.runs_wide_passes``)."""
     forced = os.environ.get(FORM_ENV)
     if forced:
         if forced not in FORMS:
@@ -87,7 +93,7 @@ def form_for(mlp: nn.Module) -> str:
             raise ValueError(f"{FORM_ENV}=kernel needs CUDA: CPU linear layers keep no weights")
         return forced
     if not current_platform.is_cuda_alike():
-        return "cond"
+        return "gather" if wide_passes else "cond"
     return "kernel" if plain_weights(mlp) else "mask"
 
 
@@ -110,7 +116,7 @@ def running_rows_mlp(mlp: nn.Module, x: torch.Tensor, run: torch.Tensor) -> torc
 
 
 def _some_rows_mlp(mlp: nn.Module, x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
-    """The ``cond`` form's MLP once some row runs: every row (no gather) when all run."""
+    """The ``gather`` form's MLP once some row runs: every row (no gather) when all run."""
     return torch.cond(run.all(), lambda x, run: mlp(x), partial(running_rows_mlp, mlp), (x, run))
 
 
@@ -126,6 +132,8 @@ def masked_mlp(form: str, mlp: nn.Module, x: torch.Tensor, run: torch.Tensor) ->
             out = tensor_model_parallel_all_reduce(out)
         return out
     if form == "cond":
+        out = torch.cond(run.any(), mlp, torch.zeros_like, (x,))
+    elif form == "gather":
         out = torch.cond(
             run.any(), partial(_some_rows_mlp, mlp), lambda x, run: torch.zeros_like(x), (x, run)
         )

@@ -23,7 +23,7 @@ from vllm.sequence import IntermediateTensors
 
 from vllm_ffnskip.masked_mlp import form_for
 from vllm_ffnskip.patches.model_impl import key_compile_cache_by_stage
-from vllm_ffnskip.policy import max_skip_rows, wide_skip_rows
+from vllm_ffnskip.policy import max_skip_rows, runs_wide_passes, wide_skip_rows
 from vllm_ffnskip.skip_state import SkipState
 from vllm_ffnskip.tracker import SkipPolicyTracker
 
@@ -37,7 +37,8 @@ class FFNSkipDecoderLayer(LlamaDecoderLayer):
     def __init__(self, vllm_config: VllmConfig, prefix: str = "", **kwargs) -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix, **kwargs)
         self.layer_idx = extract_layer_index(prefix)
-        self.mlp_form = form_for(self.mlp)
+        server_config = (vllm_config.additional_config or {}).get("ffnskip")
+        self.mlp_form = form_for(self.mlp, runs_wide_passes(server_config))
         # The model's shared SkipState (set by the model; not a registered submodule here).
         self.skip_state: SkipState | None = None
 

@@ -48,7 +48,7 @@ PASS_KEYS = ("max_skip_rows", "wide_skip_rows")
 #: 4 and lost 3% at 8.
 DEFAULT_MAX_SKIP_ROWS = 2
 #: Under V1, a pass wider than ``max_skip_rows`` still runs the skip-aware graph when at least
-#: this many of its tokens may skip (0: never). There the ``cond`` form gathers the rows that run
+#: this many of its tokens may skip (0: never). There the ``gather`` form gathers the rows that run
 #: a layer, so skipped rows save their FFN compute. Off by default: served on the embedded
 #: model on 2 cores (docs/results.md §4) it gained nothing measurable at 32 and 64 concurrent
 #: requests (1.01x, 1.04x, within the ±10% noise) and may have lost at 16 (0.92x).
@@ -247,6 +247,12 @@ def wide_skip_rows(config: Mapping[str, Any] | None) -> int:
     """The server's ``wide_skip_rows`` (``DEFAULT_WIDE_SKIP_ROWS`` when unset)."""
     value = (config or {}).get("wide_skip_rows", DEFAULT_WIDE_SKIP_ROWS)
     return _check_int("ffnskip.wide_skip_rows", value, 0)
+
+
+def runs_wide_passes(config: Mapping[str, Any] | None) -> bool:
+    """Whether the server runs passes wider than ``max_skip_rows`` in the skip graph (the
+    rule in every pass, or ``wide_skip_rows`` set): then its layers gather running rows."""
+    return not max_skip_rows(config) or wide_skip_rows(config) > 0
 
 
 def parse_request(

@@ -227,18 +227,6 @@ class SkipState(nn.Module):
         self._last_route = (qsl.copy(), batch_slots.copy())
         return skipping
 
-    def any_eligible(
-        self, query_start_loc: np.ndarray, batch_slots: np.ndarray, positions: np.ndarray
-    ) -> bool:
-        """Whether some token of the pass is eligible, from host copies (the CPU's choice
-        between the skip and the dense graph; under V2 there is no such choice). A request's
-        positions grow within the pass, so its last token decides."""
-        for i in np.flatnonzero(batch_slots != self.no_slot).tolist():
-            state = self.requests[int(batch_slots[i])]
-            if positions[query_start_loc[i + 1] - 1] >= state.first_eligible:
-                return True
-        return False
-
     def runs_skip_graph(
         self,
         query_start_loc: np.ndarray,
@@ -252,12 +240,12 @@ class SkipState(nn.Module):
         With ``max_rows`` 0: when some token is eligible (the rule applied exactly). Else a
         pass of at most ``max_rows`` rows that are all eligible decode tokens, where a layer
         that every row skips reads no weights; or a pass with at least ``wide_rows`` (> 0)
-        eligible tokens, where the ``cond`` form computes only the rows that run a layer
+        eligible tokens, where the ``gather`` form computes only the rows that run a layer
         and an FFN that wide is compute-bound. Any other pass would pay the rule and save
         less: the dense graph runs it at vLLM's speed, and its tokens count as evaluated.
         """
         if not max_rows:
-            return self.any_eligible(query_start_loc, batch_slots, positions)
+            return self.eligible_tokens(query_start_loc, batch_slots, positions) > 0
         rows = len(batch_slots)
         if wide_rows and self.eligible_tokens(query_start_loc, batch_slots, positions) >= wide_rows:
             return True
@@ -272,8 +260,10 @@ class SkipState(nn.Module):
     def eligible_tokens(
         self, query_start_loc: np.ndarray, batch_slots: np.ndarray, positions: np.ndarray
     ) -> int:
-        """The pass's tokens that may skip (a request's positions are consecutive, so its
-        last one says how many of its tokens are past its first eligible position)."""
+        """The pass's tokens that may skip, from host copies (the CPU's choice between the
+        skip and the dense graph; under V2 there is no such choice). A request's positions
+        are consecutive, so its last one says how many of its tokens are past its first
+        eligible position."""
         count = 0
         for i in np.flatnonzero(batch_slots != self.no_slot).tolist():
             start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
