@@ -102,7 +102,7 @@ def running_rows_mlp(mlp: nn.Module, x: torch.Tensor, run: torch.Tensor) -> torc
 
     The gather holds at least two rows: oneDNN computes a one-row GEMM another way (a GEMV),
     whose rounding differs, while a row computed among any two or more rows is bit-identical
-    to the same row among all (benchmarks/row_gather.py), so dense rows keep their tokens.
+    to the same row among all (tests/test_masked_mlp.py checks it), so dense rows keep their tokens.
     The row count is read from the device (``.item()``: an unbacked size), which Dynamo
     accepts inside a ``torch.cond`` branch (tests/test_masked_mlp.py traces it).
     """
