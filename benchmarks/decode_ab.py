@@ -3,6 +3,7 @@
     python benchmarks/decode_ab.py vllm                            # vanilla
     python benchmarks/decode_ab.py ffnskip '{"ffnskip": false}' '{"ffnskip": true}'
     ... --profile                                                  # + torch.profiler tables
+    ... --inductor '{"cpp_wrapper": true}'                         # + inductor options
 
 Several XARGS run on the same engine, interleaved (the order rotates every round), so the
 host's drift hits all of them alike; the last line gives each one's median speed relative
@@ -29,9 +30,15 @@ if __name__ == "__main__":
     from vllm_ffnskip.embedded import model_dir
 
     args = [a for a in sys.argv[1:] if a != "--profile"]
+    inductor: dict = {}
+    if "--inductor" in args:
+        at = args.index("--inductor")
+        inductor = json.loads(args[at + 1])
+        del args[at : at + 2]
     impl = args[0]
     variants = [json.loads(a) for a in args[1:]] or [None]
-    llm = LLM(str(model_dir()), model_impl=impl, dtype="float32", max_num_seqs=8, seed=0)
+    llm = LLM(str(model_dir()), model_impl=impl, dtype="float32", max_num_seqs=8, seed=0,
+              compilation_config={"inductor_compile_config": inductor})
     prompt = "Write a short story about a lighthouse keeper."
 
     def params(xargs, tokens=TOKENS):
