@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vllm_ffnskip.tools import calibrate, datasets
-from vllm_ffnskip.tools.bench import ffn_share, pair_overhead
+from vllm_ffnskip.tools.bench import ffn_share, pair_overhead, share_cell, share_of_ideal_gain
 
 
 def test_factoid_splits_are_large_disjoint_and_answerable():
@@ -184,3 +184,13 @@ def test_standard_error_of_the_paired_loss():
     d = np.array([1.0, 0, 0, 0, -1.0, 1.0, 0, 0])  # 3 discordant questions of 8
     assert standard_error(d) == pytest.approx(np.std(d, ddof=1) / np.sqrt(8))
     assert standard_error(np.array([1.0])) == 0.0
+
+
+def test_share_of_ideal_gain_only_where_there_is_a_gain_to_share():
+    """1.1x of an ideal 1.2x is half the gain; a run that (next to) nothing skipped has no
+    share (its table cell says so) rather than a huge one."""
+    assert share_of_ideal_gain(1.1, 1.2) == pytest.approx(0.5)
+    assert share_of_ideal_gain(0.9, 1.2) == pytest.approx(-0.5)
+    assert share_cell(share_of_ideal_gain(0.99, 1 + 1.2e-5)) == "–"
+    assert share_cell(share_of_ideal_gain(1.05, 1.0)) == "–"
+    assert share_cell(0.634) == "0.63"

@@ -15,6 +15,7 @@ vanilla ``--model-impl vllm``, one engine at a time, alternating, several repeti
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import time
@@ -52,11 +53,22 @@ def ffn_share(hf_config: Any) -> float:
     return layers * ffn / (layers * (ffn + attn) + h * hf_config.vocab_size)
 
 
+#: Below this ideal gain a share is no measure: it divides the noise by a number near 0. A
+#: served run whose passes all ran the dense graph but one tail pass (ρ 2e-5) read −706.
+MIN_IDEAL_GAIN = 0.005
+
+
 def share_of_ideal_gain(speedup: float, ideal: float) -> float:
     """(speed-up − 1) / (ideal − 1): 1 when skipping gains all that its ρ allows, 0 when it
-    gains nothing, negative when it is slower than dense (NaN when nothing was skipped). The
-    ratio speed-up / ideal would score a run that skips nothing at 1 / ideal."""
-    return (speedup - 1) / (ideal - 1) if ideal > 1 else float("nan")
+    gains nothing, negative when it is slower than dense (NaN when (next to) nothing was
+    skipped: ideal − 1 < ``MIN_IDEAL_GAIN``). The ratio speed-up / ideal would score a run
+    that skips nothing at 1 / ideal."""
+    return (speedup - 1) / (ideal - 1) if ideal - 1 >= MIN_IDEAL_GAIN else float("nan")
+
+
+def share_cell(share: float) -> str:
+    """A table cell for a share: ``–`` where there is none to give."""
+    return f"{share:.2f}" if math.isfinite(share) else "–"
 
 
 def prompts_for(tokenizer: Any, batch: int) -> list[str]:
@@ -231,7 +243,7 @@ def main(args: Any) -> None:
         print(
             f"| {r['batch']} | {r['dense_tok_s']:.1f} | {r['skip_tok_s']:.1f} | "
             f"{r['dense_tpot_ms']:.1f} | {r['skip_tpot_ms']:.1f} | {r['rho']:.3f} | "
-            f"{r['speedup']:.3f} | {r['ideal']:.3f} | {r['share']:.2f} |"
+            f"{r['speedup']:.3f} | {r['ideal']:.3f} | {share_cell(r['share'])} |"
         )
     if "overhead" in report:
         o = report["overhead"]

@@ -29,7 +29,7 @@ from transformers import AutoConfig
 
 from vllm_ffnskip.policy import policy_path
 from vllm_ffnskip.tools import engine
-from vllm_ffnskip.tools.bench import ffn_share, pair_overhead, share_of_ideal_gain
+from vllm_ffnskip.tools.bench import ffn_share, pair_overhead, share_cell, share_of_ideal_gain
 from vllm_ffnskip.tools.serving import metric_samples, vllm_server
 
 SERVED_NAME = "ffnskip-bench"
@@ -206,8 +206,8 @@ def format_table(report: dict[str, Any]) -> str:
         lines.append(
             f"| {r['concurrency']} | {r['dense_tok_s']:.1f} | {r['skip_tok_s']:.1f} | "
             f"{r['dense_tpot_ms']:.1f} | {r['skip_tpot_ms']:.1f} | {r['rho']:.3f} | "
-            f"{r['ideal']:.3f} | {r['speedup']:.3f} | {r['share']:.2f} | "
-            f"{r['tpot_speedup']:.3f} | {r['tpot_share']:.2f} |"
+            f"{r['ideal']:.3f} | {r['speedup']:.3f} | {share_cell(r['share'])} | "
+            f"{r['tpot_speedup']:.3f} | {share_cell(r['tpot_share'])} |"
         )
     for c, o in report.get("overhead", {}).get("by_concurrency", {}).items():
         lines.append(
