@@ -65,8 +65,9 @@ def server_policy(vllm_config: Any) -> SkipPolicy:
 
 @functools.lru_cache(maxsize=1)
 def compile_key() -> str:
-    """What our compiled graphs depend on beyond vLLM's config: the plugin's source and a
-    forced masked-MLP form (masked_mlp.FORM_ENV).
+    """What our compiled graphs depend on beyond vLLM's config: the plugin's source, a
+    forced masked-MLP form (masked_mlp.FORM_ENV) and whether the process records scores
+    (stats.RECORDER: only then does the graph write them).
 
     vLLM keys its compile caches by its own version and config; on load it re-checks only
     the sources dynamo traced, and its piecewise cache inside is keyed by graph index. A
@@ -78,8 +79,9 @@ def compile_key() -> str:
 
     import vllm_ffnskip
     from vllm_ffnskip.masked_mlp import FORM_ENV
+    from vllm_ffnskip.stats import RECORDER
 
-    digest = hashlib.sha256(os.environ.get(FORM_ENV, "").encode())
+    digest = hashlib.sha256(f"{os.environ.get(FORM_ENV, '')}:{RECORDER.enabled}".encode())
     # This package and the patches (a sibling folder in a source checkout, inside it when
     # installed), less the command-line tools, which no graph is built from.
     tools = Path(vllm_ffnskip.__file__).parent / "tools"

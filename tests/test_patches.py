@@ -110,6 +110,7 @@ def test_compile_cache_key_covers_the_plugin(embedded_model, monkeypatch):
     of our source and skip path there, so a changed plugin never loads stale graphs."""
     from vllm_ffnskip.masked_mlp import FORM_ENV
     from vllm_ffnskip.patches import model_impl
+    from vllm_ffnskip.stats import RECORDER
 
     config = engine_config(embedded_model, model_impl="ffnskip")
     key = config.additional_config[model_impl.COMPILE_KEY]
@@ -121,6 +122,12 @@ def test_compile_cache_key_covers_the_plugin(embedded_model, monkeypatch):
     assert config.compute_hash() != digest  # vLLM's compile caches see the key
     model_impl.compile_key.cache_clear()
     monkeypatch.setenv(FORM_ENV, "mask")  # another masked-MLP form traces other graphs
+    try:
+        assert model_impl.compile_key() != key
+    finally:
+        model_impl.compile_key.cache_clear()
+    # A process that records scores traces the score writes into its graphs; others do not.
+    monkeypatch.setattr(RECORDER, "enabled", not RECORDER.enabled)
     try:
         assert model_impl.compile_key() != key
     finally:

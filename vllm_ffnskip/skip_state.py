@@ -111,7 +111,11 @@ class SkipState(nn.Module):
 
     Token buffers are sized for vLLM's largest pass (``max_num_batched_tokens``); a pass
     uses their first ``T`` rows. ``score[t, l]`` is the saturation score of token ``t`` at
-    layer ``l`` where it was tested, NaN elsewhere (read only by the profiler's recorder).
+    layer ``l`` where it was tested, NaN elsewhere; it exists only in a process that records
+    scores for the profiler (``RECORDER.enabled``), whose graphs carry that in their compile
+    key (patches/model_impl.compile_key). Written in every pass, it was the largest part of
+    the rule's fixed cost on the CPU: inductor writes the whole ``max_tokens`` x layers
+    buffer once per pass, choosing each layer's column from 30 candidates per element.
     """
 
     #: The skip state of this worker process (one model per vLLM worker process).
@@ -137,7 +141,8 @@ class SkipState(nn.Module):
         buffer("token_slot", (max_tokens,), torch.int64, self.no_slot)
         buffer("budget", (max_tokens,), torch.int32, 0)
         buffer("skipped", (max_tokens,), torch.int32, 0)
-        buffer("score", (max_tokens, num_layers), torch.float32, 0.0)
+        if RECORDER.enabled:
+            buffer("score", (max_tokens, num_layers), torch.float32, 0.0)
         #: Host side: the admitted requests by slot, and the staging copy of ``token_slot``
         #: (pinned where the device is an accelerator, so its copy does not block).
         self.requests: dict[int, RequestSkipState] = {}
@@ -332,7 +337,6 @@ class SkipState(nn.Module):
         self.skipped[:t].copy_(skipped)
         if layer_idx == self.stage_layers[-1]:  # in the graph, where the adds fuse
             self._count(positions, skipped)
-        # Written whether or not scores are recorded: a branch on that here would give two
-        # graphs that vLLM's compile cache (keyed by config and source) cannot tell apart.
-        self.score[:t, layer_idx].copy_(torch.where(hot & run, score, torch.nan))
+        if RECORDER.enabled:  # fixed per process, and part of the compile key
+            self.score[:t, layer_idx].copy_(torch.where(hot & run, score, torch.nan))
         return out

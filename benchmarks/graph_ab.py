@@ -1,0 +1,79 @@
+"""The skip graph against vLLM's dense graph on the same pass, in one engine: the rule's
+in-graph cost without the host's drift (docs/results.md §4 "What is left for speed").
+
+    python benchmarks/graph_ab.py '{"ffnskip": true, "ffnskip_threshold": 1.0}' '{"ffnskip": true}'
+    ... --policy smollm2-135m-instruct-aggressive     # a shipped policy as server default
+
+For every batch-1 decode pass of a skipping request, after the engine's own forward, the
+same inputs run through both compiled graphs ``REPEATS`` times, alternating, each timed
+alone (the budgets reset before each, as ``begin_pass`` does). The host's slow and fast
+phases last seconds, a pair of graph calls milliseconds, so the per-pass ratio cancels them.
+Prints, per XARGS, the median over passes of skip-graph / dense-graph time. The re-runs
+rewrite the pass's KV entries with the same values and add to the request's skip counts
+(so its counts are not read here). Engine in this process, fp32, compiled, 128 tokens.
+"""
+
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+REPEATS = 3
+TOKENS = 128
+
+if __name__ == "__main__":
+    from vllm import LLM, SamplingParams
+
+    from vllm_ffnskip.embedded import model_dir
+    from vllm_ffnskip.model import FFNSkipLlamaForCausalLM
+    from vllm_ffnskip.policy import policy_path
+
+    args = sys.argv[1:]
+    server: dict = {}
+    if "--policy" in args:
+        at = args.index("--policy")
+        server = {"ffnskip": {"enabled": True, "policy_file": str(policy_path(args[at + 1]))}}
+        del args[at : at + 2]
+
+    ratios: list[float] = []
+    graph_ms: dict[str, list[float]] = {"skip": [], "dense": []}
+    forward = FFNSkipLlamaForCausalLM.forward
+
+    def timed_forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        out = forward(self, input_ids, positions, intermediate_tensors, inputs_embeds)
+        if positions.shape[0] != 1 or not (self.skip_graph_ready and self.skip_state.routed):
+            return out
+        args = (input_ids, positions, intermediate_tensors, inputs_embeds)
+        times = {"skip": 0.0, "dense": 0.0}
+        for r in range(REPEATS):
+            for name in ("skip", "dense") if r % 2 else ("dense", "skip"):
+                self.skip_state.begin_pass(1, None)
+                start = time.perf_counter()
+                (self.model if name == "skip" else self.dense_model)(*args)
+                times[name] += time.perf_counter() - start
+        ratios.append(times["skip"] / times["dense"])
+        for name, total in times.items():
+            graph_ms[name].append(total / REPEATS * 1e3)
+        return out
+
+    FFNSkipLlamaForCausalLM.forward = timed_forward
+    llm = LLM(str(model_dir()), model_impl="ffnskip", dtype="float32", max_num_seqs=8, seed=0,
+              additional_config=server)
+    prompt = "Write a short story about a lighthouse keeper."
+    print("| request | passes | skip graph ms | dense graph ms | skip / dense (median of passes) |")
+    print("|---|---|---|---|---|")
+    for xargs in [json.loads(a) for a in args]:
+        params = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True, extra_args=xargs)
+        llm.generate([prompt], params, use_tqdm=False)  # warm-up
+        ratios.clear()
+        for times in graph_ms.values():
+            times.clear()
+        llm.generate([prompt], params, use_tqdm=False)
+        skip, dense = (statistics.median(graph_ms[k]) for k in ("skip", "dense"))
+        q = statistics.quantiles(ratios, n=4)
+        print(f"| `{json.dumps(xargs)}` | {len(ratios)} | {skip:.2f} | {dense:.2f} | "
+              f"{statistics.median(ratios):.3f} (quartiles {q[0]:.3f}–{q[2]:.3f}) |")
