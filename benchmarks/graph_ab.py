@@ -1,5 +1,6 @@
 """The skip graph against vLLM's dense graph on the same pass, in one engine: the rule's
-in-graph cost without the host's drift (docs/results.md §4 "What is left for speed").
+in-graph cost without the host's drift (docs/results.md §4 "Batch 1 after the score write left
+the graph").
 
     python benchmarks/graph_ab.py '{"ffnskip": true, "ffnskip_threshold": 1.0}' '{"ffnskip": true}'
     ... --policy smollm2-135m-instruct-aggressive     # a shipped policy as server default
@@ -47,13 +48,13 @@ if __name__ == "__main__":
         out = forward(self, input_ids, positions, intermediate_tensors, inputs_embeds)
         if positions.shape[0] != 1 or not (self.skip_graph_ready and self.skip_state.routed):
             return out
-        args = (input_ids, positions, intermediate_tensors, inputs_embeds)
+        inputs = (input_ids, positions, intermediate_tensors, inputs_embeds)
         times = {"skip": 0.0, "dense": 0.0}
         for r in range(REPEATS):
             for name in ("skip", "dense") if r % 2 else ("dense", "skip"):
                 self.skip_state.begin_pass(1, None)
                 start = time.perf_counter()
-                (self.model if name == "skip" else self.dense_model)(*args)
+                (self.model if name == "skip" else self.dense_model)(*inputs)
                 times[name] += time.perf_counter() - start
         ratios.append(times["skip"] / times["dense"])
         for name, total in times.items():
@@ -70,8 +71,8 @@ if __name__ == "__main__":
         params = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True, extra_args=xargs)
         llm.generate([prompt], params, use_tqdm=False)  # warm-up
         ratios.clear()
-        for times in graph_ms.values():
-            times.clear()
+        for samples in graph_ms.values():
+            samples.clear()
         llm.generate([prompt], params, use_tqdm=False)
         skip, dense = (statistics.median(graph_ms[k]) for k in ("skip", "dense"))
         q = statistics.quantiles(ratios, n=4)

@@ -113,9 +113,9 @@ class SkipState(nn.Module):
     uses their first ``T`` rows. ``score[t, l]`` is the saturation score of token ``t`` at
     layer ``l`` where it was tested, NaN elsewhere; it exists only in a process that records
     scores for the profiler (``RECORDER.enabled``), whose graphs carry that in their compile
-    key (patches/model_impl.compile_key). Written in every pass, it was the largest part of
-    the rule's fixed cost on the CPU: inductor writes the whole ``max_tokens`` x layers
-    buffer once per pass, choosing each layer's column from 30 candidates per element.
+    key (patches/model_impl.compile_key). Written in every pass, it cost 1-2% of a batch-1
+    pass on the CPU (benchmarks/graph_ab.py): inductor rewrote the whole ``max_tokens`` x
+    layers buffer once per pass, choosing each element's layer among all of them.
     """
 
     #: The skip state of this worker process (one model per vLLM worker process).
