@@ -4,6 +4,7 @@ the graph").
 
     python benchmarks/graph_ab.py '{"ffnskip": true, "ffnskip_threshold": 1.0}' '{"ffnskip": true}'
     ... --policy smollm2-135m-instruct-aggressive     # a shipped policy as server default
+    ... --dtype bfloat16                              # default float32
 
 For every batch-1 decode pass of a skipping request, after the engine's own forward, the
 same inputs run through both compiled graphs ``REPEATS`` times, alternating, each timed
@@ -11,7 +12,7 @@ alone (the budgets reset before each, as ``begin_pass`` does). The host's slow a
 phases last seconds, a pair of graph calls milliseconds, so the per-pass ratio cancels them.
 Prints, per XARGS, the median over passes of skip-graph / dense-graph time. The re-runs
 rewrite the pass's KV entries with the same values and add to the request's skip counts
-(so its counts are not read here). Engine in this process, fp32, compiled, 128 tokens.
+(so its counts are not read here). Engine in this process, compiled, 128 tokens.
 """
 
 import json
@@ -39,6 +40,11 @@ if __name__ == "__main__":
         at = args.index("--policy")
         server = {"ffnskip": {"enabled": True, "policy_file": str(policy_path(args[at + 1]))}}
         del args[at : at + 2]
+    dtype = "float32"
+    if "--dtype" in args:
+        at = args.index("--dtype")
+        dtype = args[at + 1]
+        del args[at : at + 2]
 
     ratios: list[float] = []
     graph_ms: dict[str, list[float]] = {"skip": [], "dense": []}
@@ -62,7 +68,7 @@ if __name__ == "__main__":
         return out
 
     FFNSkipLlamaForCausalLM.forward = timed_forward
-    llm = LLM(str(model_dir()), model_impl="ffnskip", dtype="float32", max_num_seqs=8, seed=0,
+    llm = LLM(str(model_dir()), model_impl="ffnskip", dtype=dtype, max_num_seqs=8, seed=0,
               additional_config=server)
     prompt = "Write a short story about a lighthouse keeper."
     print("| request | passes | skip graph ms | dense graph ms | skip / dense (median of passes) |")
