@@ -15,10 +15,10 @@ rewrite the pass's KV entries with the same values and add to the request's skip
 (so its counts are not read here). Engine in this process, compiled, 128 tokens.
 """
 
+import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
@@ -34,17 +34,14 @@ if __name__ == "__main__":
     from vllm_ffnskip.model import FFNSkipLlamaForCausalLM
     from vllm_ffnskip.policy import policy_path
 
-    args = sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("xargs", nargs="+", help="per-request vllm_xargs, as JSON")
+    parser.add_argument("--policy", help="a shipped policy as the server default")
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
     server: dict = {}
-    if "--policy" in args:
-        at = args.index("--policy")
-        server = {"ffnskip": {"enabled": True, "policy_file": str(policy_path(args[at + 1]))}}
-        del args[at : at + 2]
-    dtype = "float32"
-    if "--dtype" in args:
-        at = args.index("--dtype")
-        dtype = args[at + 1]
-        del args[at : at + 2]
+    if args.policy:
+        server = {"ffnskip": {"enabled": True, "policy_file": str(policy_path(args.policy))}}
 
     ratios: list[float] = []
     graph_ms: dict[str, list[float]] = {"skip": [], "dense": []}
@@ -68,12 +65,12 @@ if __name__ == "__main__":
         return out
 
     FFNSkipLlamaForCausalLM.forward = timed_forward
-    llm = LLM(str(model_dir()), model_impl="ffnskip", dtype=dtype, max_num_seqs=8, seed=0,
+    llm = LLM(str(model_dir()), model_impl="ffnskip", dtype=args.dtype, max_num_seqs=8, seed=0,
               additional_config=server)
     prompt = "Write a short story about a lighthouse keeper."
     print("| request | passes | skip graph ms | dense graph ms | skip / dense (median of passes) |")
     print("|---|---|---|---|---|")
-    for xargs in [json.loads(a) for a in args]:
+    for xargs in [json.loads(a) for a in args.xargs]:
         params = SamplingParams(max_tokens=TOKENS, temperature=0, ignore_eos=True, extra_args=xargs)
         llm.generate([prompt], params, use_tqdm=False)  # warm-up
         ratios.clear()

@@ -276,8 +276,7 @@ def test_restart_on_a_warm_compile_cache(served):
     tokens and per-rank counters. The one-stage compiled engine loads its graphs through the
     same path, so its restart (72 s of a cold CI run) is not repeated; eager engines keep no
     cache, so a restart of one tests nothing the first start did not."""
-    name = "pp2"
-    first, second = served(name), served(name, start=2)
+    first, second = served("pp2"), served("pp2", start=2)
     for workload in WORKLOADS:
         assert second[workload]["tokens"] == first[workload]["tokens"], workload
         for rank, (a, b) in enumerate(zip(first[workload]["ranks"], second[workload]["ranks"])):
