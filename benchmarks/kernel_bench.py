@@ -12,9 +12,11 @@ the honest case for batches > 1, since a tile's weights are skipped only when al
 
 Needs torch + triton only (no vLLM). Examples::
 
-    python benchmarks/kernel_bench.py --out docs/kernel_bench_h100.md
-    python benchmarks/kernel_bench.py --models llama2-7b --dtypes fp16 --batches 1 \\
-        --fracs 0,0.3 --sweep-gemv
+    python benchmarks/kernel_bench.py --out docs/kernel_bench_h200.md
+    python benchmarks/kernel_bench.py --models llama2-7b --dtypes bf16 --batches 1 --fracs 0,0.3
+
+The op's tiles are the tuned plans of this GPU where ``benchmarks/kernel_tune.py`` wrote them,
+else the heuristic's.
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ import argparse
 import datetime
 import importlib.util
 import itertools
-import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cuda_graph_timing import replay_ms  # noqa: E402
 
 MODELS = {  # name: (hidden H, intermediate I per rank)
     "llama2-7b": (4096, 11008),
@@ -52,35 +56,10 @@ def _load_kernels():
     return pkg, triton_mod
 
 
-def time_in_graph(fn: Callable[[], object], iters: int, warmup: int = 3) -> float:
-    """Median milliseconds of one replay of a CUDA graph holding ``fn``."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm-up (and Triton JIT) outside the capture
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    for _ in range(warmup):
-        graph.replay()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def per_call_us(op: Callable[[int], object], args: argparse.Namespace) -> float:
     """Microseconds per call of ``op(layer)``, all ``args.layers`` calls captured in one graph."""
     layers = range(args.layers)
-    return 1e3 * time_in_graph(lambda: [op(layer) for layer in layers], args.iters) / args.layers
+    return 1e3 * replay_ms(lambda: [op(layer) for layer in layers], args.iters) / args.layers
 
 
 def dense_op(km, x, w_gate_up, w_down) -> Callable[[int], object]:
@@ -144,30 +123,6 @@ def bench_config(km, tm, h: int, i: int, dtype: torch.dtype, batches: list[int],
     return rows
 
 
-def sweep_gemv(km, tm, h: int, i: int, dtype: torch.dtype, args: argparse.Namespace) -> list[str]:
-    """Batch-1 tile sweep, all rows active: gate_up tiles with down fixed, then down tiles."""
-    gen = torch.Generator().manual_seed(0)
-    w_gate_up, w_down = _weights(h, i, dtype, gen)
-    x = torch.randn(1, h, generator=gen).to(device=DEVICE, dtype=dtype)
-    masks = torch.ones(args.layers, 1, dtype=torch.bool, device=DEVICE)
-    dense = per_call_us(dense_op(km, x, w_gate_up, w_down), args)
-
-    def ratio(plan) -> float:
-        return per_call_us(skip_op(tm, x, masks, w_gate_up, w_down, plan), args) / dense
-
-    base = tm.choose_plan(1, h, i, tm.num_sms_of(x.device))
-    grid = [tm.TileConfig(1, bn, bk, False, num_warps=nw)
-            for bn, bk, nw in itertools.product((4, 8, 16, 32), (128, 256, 512), (2, 4, 8))]
-    best_up = min(grid, key=lambda c: ratio(tm.SkipMLPPlan(False, c, base.down)))
-    best_down = min(grid, key=lambda c: ratio(tm.SkipMLPPlan(False, best_up, c)))
-    best = tm.SkipMLPPlan(False, best_up, best_down)
-    lines = [f"heuristic {base}: {ratio(base):.3f} x dense",
-             f"best      {best}: {ratio(best):.3f} x dense"]
-    for line in lines:
-        print("  " + line, flush=True)
-    return lines
-
-
 def acceptance(results: dict) -> list[str]:
     """Batch 1 with 30% of FFN blocks skipped must take <= 0.75 x dense, graph captured."""
     lines = []
@@ -181,7 +136,7 @@ def acceptance(results: dict) -> list[str]:
     return lines
 
 
-def to_markdown(results: dict, header: list[str], sweeps: dict, accept: list[str]) -> str:
+def to_markdown(results: dict, header: list[str], accept: list[str]) -> str:
     out = ["# Skip-aware FFN kernel benchmark", "", *header, ""]
     for (model, dtype), rows in results.items():
         out += [f"## {model} {dtype}", "",
@@ -191,11 +146,6 @@ def to_markdown(results: dict, header: list[str], sweeps: dict, accept: list[str
         out += [f"| {r['t']} | {r['skipped']:.2f} | {r['dense_us']:.1f} | {r['skip_us']:.1f} | "
                 f"{r['ideal_us']:.1f} | {r['skip_us'] / r['dense_us']:.3f} | "
                 f"{r['ideal_us'] / r['dense_us']:.3f} | {r['check']} |" for r in rows]
-        out.append("")
-    if sweeps:
-        out += ["## Batch-1 GEMV tile sweep (time / dense)", ""]
-        for (model, dtype), lines in sweeps.items():
-            out += [f"- {model} {dtype}:"] + [f"  - `{line}`" for line in lines]
         out.append("")
     if accept:
         out += ["## Acceptance (batch 1, 30% skipped, <= 0.75 x dense, CUDA graph captured)", "",
@@ -214,7 +164,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=20, help="op calls (layers) per captured graph")
     p.add_argument("--iters", type=int, default=30, help="timed graph replays (median)")
     p.add_argument("--mask-mode", choices=("iid", "batch"), default="iid")
-    p.add_argument("--sweep-gemv", action="store_true", help="also sweep batch-1 GEMV tiles")
     args = p.parse_args(argv)
 
     if not torch.cuda.is_available():
@@ -252,20 +201,17 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(header), flush=True)
 
     results: dict = {}
-    sweeps: dict = {}
     for model, dt in itertools.product(models, dtypes):
         h, i = MODELS[model]
         print(f"{model} {dt} (H={h}, I={i})", flush=True)
         results[(model, dt)] = bench_config(km, tm, h, i, DTYPES[dt], batches, fracs, args)
-        if args.sweep_gemv:
-            sweeps[(model, dt)] = sweep_gemv(km, tm, h, i, DTYPES[dt], args)
         torch.cuda.empty_cache()
 
     accept = acceptance(results)
     print("\n".join(["acceptance:", *accept]) if accept else "acceptance: batch 1 / 0.3 not run")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(to_markdown(results, header, sweeps, accept) + "\n")
+        args.out.write_text(to_markdown(results, header, accept) + "\n")
         print(f"wrote {args.out}")
     return 0
 

@@ -102,3 +102,39 @@ def test_onednn_rows_do_not_depend_on_their_neighbours(dtype):
         for k in range(2, t + 1):
             rows = torch.randperm(t)[:k].sort().values
             assert torch.equal(mlp(x[rows]), every_row[rows]), (t, k)
+
+
+def test_cuda_runs_the_kernel_form_only_with_a_competitive_tuned_plan(tmp_path, monkeypatch):
+    """On a GPU, an FFN shape without a tuned kernel plan close to cuBLAS runs the ``mask``
+    form (cuBLAS): the untuned kernels were 1.3-7x slower than cuBLAS on an H200."""
+    from types import SimpleNamespace
+
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    from vllm_ffnskip import masked_mlp as mm
+    from vllm_ffnskip.kernels import plans
+
+    monkeypatch.setattr(mm, "current_platform", SimpleNamespace(is_cuda_alike=lambda: True))
+    monkeypatch.setattr(mm, "device_name_of", lambda device: "GPU_X")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(plans, "CONFIG_DIR", tmp_path)
+    monkeypatch.delenv("VLLM_FFNSKIP_MASKED_MLP", raising=False)
+
+    def linear(rows: int, cols: int):
+        return SimpleNamespace(quant_method=UnquantizedLinearMethod(), bias=None,
+                               weight=torch.empty(rows, cols, dtype=torch.bfloat16))
+
+    mlp = SimpleNamespace(gate_up_proj=linear(2 * 48, 16), down_proj=linear(16, 48))
+    mm._kernels_pay.cache_clear()
+    plans.tuned_plans.cache_clear()
+    assert mm.form_for(mlp, wide_passes=False) == "mask"  # no file
+
+    tile = plans.TileConfig(16, 16, 64, True)
+    fast = plans.TunedPlan(plans.SkipMLPPlan(False, tile, tile), 70.0, 74.0)
+    plans.write_tuned_plans(
+        tmp_path / plans.config_file_name(16, 48, torch.bfloat16, "GPU_X"), {1: fast}, {})
+    mm._kernels_pay.cache_clear()
+    plans.tuned_plans.cache_clear()
+    assert mm.form_for(mlp, wide_passes=False) == "kernel"
+    mm._kernels_pay.cache_clear()
+    plans.tuned_plans.cache_clear()

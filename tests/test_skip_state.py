@@ -275,3 +275,15 @@ def test_every_masked_mlp_form_gives_the_same_pass(state, form):
         assert torch.allclose(out[1], dense[1], atol=1e-6)  # the dense row always runs
         assert torch.equal(out[0], torch.zeros(HIDDEN)) or torch.allclose(out[0], dense[0], atol=1e-6)
     assert state.snapshot() == {"r": {"skipped": skipped[0], "evaluated": LAYERS}}
+
+
+def test_built_under_a_device_context_stages_routes_on_the_host():
+    """vLLM builds the model under ``with torch.device(<accelerator>)``: the buffers go there,
+    the routing staging copy stays on the host (on CUDA a pinned tensor cannot be made under
+    that context: every GPU server failed at start, seen on an H200 on 2026-12-04)."""
+    with torch.device("meta"):
+        on_device = SkipState(MAX_SLOTS, MAX_TOKENS, LAYERS, range(LAYERS))
+    assert on_device.token_slot.is_meta
+    assert on_device._host_token_slot.device.type == "cpu"
+    assert on_device.route(np.array([0, 1, 2]), np.array([1, on_device.no_slot]), 2)
+    assert on_device._host_token_slot[:2].tolist() == [1, on_device.no_slot]

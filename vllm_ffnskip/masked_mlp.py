@@ -12,12 +12,15 @@ inside the model's compiled graph, with the mask read on the device. Four forms:
   ``torch.cond`` gathers them (``running_rows_mlp``), so k running rows of a compute-bound
   FFN cost about k rows. That second branch would cost the default's narrow passes a
   ``torch.cond`` per layer for nothing (at 2 rows the gather holds both), hence two forms.
-* ``kernel`` (CUDA, unquantized MLPs): the custom op ``vllm::ffnskip_masked_mlp`` writes
-  into an output allocated in the graph; it runs the Triton kernel whose programs exit
-  before loading weights when all their rows skip (kernels/). No host value is read, so
-  CUDA graphs (FULL and PIECEWISE) capture it; a replay reads the mask of the replay.
-* ``mask`` (CUDA, quantized MLPs): the module's own MLP, then the mask. Correct, saves
-  nothing.
+* ``kernel`` (CUDA, unquantized MLPs whose shape has a tuned kernel plan close to cuBLAS on
+  this GPU, kernels/plans.py): the custom op ``vllm::ffnskip_masked_mlp`` writes into an
+  output allocated in the graph; it runs the Triton kernels, whose programs exit before
+  loading weights when all their rows skip, at the batch sizes where their tuned plan is
+  close to cuBLAS, and cuBLAS then the mask at the others. No host value is read, so CUDA
+  graphs (FULL and PIECEWISE) capture it; a replay reads the mask of the replay.
+* ``mask`` (CUDA: quantized MLPs, and shapes without such a plan, logged at start): the
+  module's own MLP, then the mask: the same rule and skips at dense speed (on an H200 the
+  untuned kernels were 1.3-7x slower than cuBLAS: docs/kernels.md).
 
 ``VLLM_FFNSKIP_MASKED_MLP`` forces a form. CI runs the ``mask`` form on the CPU: the GPU's
 graph (the rule, no ``torch.cond``) with the module's MLP in place of the kernel op. The op
@@ -28,17 +31,22 @@ interpreter (tests/kernels/).
 
 from __future__ import annotations
 
+import functools
 import os
 from functools import partial
 
 import torch
 from torch import nn
 from vllm.distributed import tensor_model_parallel_all_reduce
+from vllm.logger import init_logger
 from vllm.model_executor.layers.linear import UnquantizedLinearMethod
 from vllm.platforms import current_platform
 from vllm.utils.torch_utils import direct_register_custom_op
 
-from vllm_ffnskip.kernels import skip_mlp
+from vllm_ffnskip.kernels import kernels_pay, skip_mlp
+from vllm_ffnskip.kernels.plans import config_file_name, device_name_of
+
+logger = init_logger(f"vllm.{__name__}")
 
 #: Forces a form (``cond``, ``kernel`` or ``mask``) on any platform (tests).
 FORM_ENV = "VLLM_FFNSKIP_MASKED_MLP"
@@ -94,7 +102,26 @@ def form_for(mlp: nn.Module, wide_passes: bool) -> str:
         return forced
     if not current_platform.is_cuda_alike():
         return "gather" if wide_passes else "cond"
-    return "kernel" if plain_weights(mlp) else "mask"
+    if not plain_weights(mlp):
+        return "mask"
+    weight = mlp.gate_up_proj.weight  # [2I, H], this rank's shard
+    return "kernel" if _kernels_pay(weight.shape[1], weight.shape[0] // 2, weight.dtype) else "mask"
+
+
+@functools.cache
+def _kernels_pay(h: int, i: int, dtype: torch.dtype) -> bool:
+    """Whether this GPU has a tuned kernel plan for the FFN shape close to cuBLAS; else the
+    ``mask`` form (cuBLAS), said once per shape, as vLLM says it of untuned fused-MoE configs."""
+    name = device_name_of(torch.device("cuda", torch.cuda.current_device()))
+    if kernels_pay(h, i, dtype, name):
+        return True
+    logger.warning(
+        "vllm-ffnskip: no tuned FFN-kernel plan for H=%d, I=%d (per rank), %s on %s "
+        "(vllm_ffnskip/kernels/configs/%s). Requests skip FFN blocks by the same rule, but "
+        "the blocks are computed with cuBLAS and masked: no speed-up. Tune with "
+        "benchmarks/kernel_tune.py --write (docs/kernels.md).",
+        h, i, dtype, name, config_file_name(h, i, dtype, name))
+    return False
 
 
 def running_rows_mlp(mlp: nn.Module, x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:

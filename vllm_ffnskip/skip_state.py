@@ -147,8 +147,11 @@ class SkipState(nn.Module):
         #: (pinned where the device is an accelerator, so its copy does not block).
         self.requests: dict[int, RequestSkipState] = {}
         device = self.token_slot.device
+        # On the host whatever the default device: vLLM builds the model under
+        # ``with torch.device("cuda")``, where a pinned tensor could not be made at all.
         self._host_token_slot = torch.full(
-            (max_tokens,), self.no_slot, dtype=torch.int64, pin_memory=device.type == "cuda"
+            (max_tokens,), self.no_slot, dtype=torch.int64, device="cpu",
+            pin_memory=device.type == "cuda",
         )
         #: Leading entries of token_slot that may name a request's slot (0: none).
         self.routed = 0

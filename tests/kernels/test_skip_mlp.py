@@ -89,6 +89,7 @@ def test_dispatcher_uses_reference_off_cuda() -> None:
 def test_masked_mlp_op_writes_into_its_output(mask: str) -> None:
     """The graph's custom op (vllm::ffnskip_masked_mlp) writes into the output it is given,
     called eagerly and traced (functionalized, as torch.compile sees it)."""
+    pytest.importorskip("vllm", reason="the op is registered through vLLM")
     from vllm_ffnskip import masked_mlp  # noqa: F401  (registers the op)
 
     w_gate_up, w_down = _weights(16, 32)
@@ -233,15 +234,17 @@ def test_cuda_triton_matches_reference(t: int, dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("t", [1, 8, 64])
 def test_cuda_graph_capture_with_changing_mask(t: int) -> None:
     """One capture, replayed with different device-side masks: every replay is correct."""
+    from vllm_ffnskip.kernels.skip_mlp_triton import skip_mlp_triton
+
     h, i = 256, 704
     w_gate_up, w_down = _weights(h, i, torch.float16, "cuda")
     x = torch.randn(t, h, device="cuda", dtype=torch.float16)
     mask = torch.ones(t, dtype=torch.bool, device="cuda")
-    skip_mlp(x, mask, w_gate_up, w_down)  # JIT-compile outside the capture
+    skip_mlp_triton(x, mask, w_gate_up, w_down)  # JIT-compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = skip_mlp(x, mask, w_gate_up, w_down)
+        out = skip_mlp_triton(x, mask, w_gate_up, w_down)
     gen = torch.Generator(device="cuda").manual_seed(0)
     masks = [torch.zeros(t, dtype=torch.bool, device="cuda"),
              torch.ones(t, dtype=torch.bool, device="cuda")]
@@ -257,16 +260,29 @@ def test_cuda_graph_capture_with_changing_mask(t: int) -> None:
 @needs_cuda
 @pytest.mark.parametrize("t", [1, 16, 100])
 def test_cuda_no_device_to_host_sync(t: int) -> None:
+    from vllm_ffnskip.kernels.skip_mlp_triton import skip_mlp_triton
+
     h, i = 256, 704
     w_gate_up, w_down = _weights(h, i, torch.float16, "cuda")
     x = torch.randn(t, h, device="cuda", dtype=torch.float16)
     mask = torch.rand(t, device="cuda") < 0.5
-    skip_mlp(x, mask, w_gate_up, w_down)  # JIT-compile first: not part of the steady state
+    skip_mlp_triton(x, mask, w_gate_up, w_down)  # JIT-compile first: not the steady state
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            skip_mlp(x, mask, w_gate_up, w_down)
+            skip_mlp_triton(x, mask, w_gate_up, w_down)
             skip_mlp_reference(x, mask, w_gate_up, w_down)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+def test_cuda_dispatcher_runs_cublas_without_a_competitive_tuned_plan() -> None:
+    """No tuned plan for this shape on this GPU: the op is the reference (cuBLAS, then the
+    mask), bit for bit."""
+    w_gate_up, w_down = _weights(256, 704, torch.bfloat16, "cuda")
+    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    mask = torch.rand(8, device="cuda") < 0.5
+    assert torch.equal(skip_mlp(x, mask, w_gate_up, w_down),
+                       skip_mlp_reference(x, mask, w_gate_up, w_down))

@@ -5,7 +5,8 @@ with vLLM's merged ``MergedColumnParallelLinear`` weight (``w_gate_up[:I]`` = ga
 ``w_gate_up[I:]`` = up). The mask stays on the device and all shapes are fixed by ``T``, so the op
 needs no host sync and can be captured in a CUDA graph.
 
-* On CUDA with Triton installed: :func:`skip_mlp_triton` (saves the weight reads of skipped tiles).
+* On CUDA with Triton installed, where a plan tuned on this GPU is close to cuBLAS
+  (``plans.py``): :func:`skip_mlp_triton` (saves the weight reads of skipped tiles).
 * Elsewhere: :func:`skip_mlp_reference` (plain torch: dense compute, then ``torch.where``; correct,
   no saving).
 
@@ -20,9 +21,10 @@ import importlib.util
 
 import torch
 
+from .plans import kernel_plan, kernels_pay
 from .reference import dense_mlp, skip_mlp_reference
 
-__all__ = ["skip_mlp", "skip_mlp_reference", "dense_mlp", "triton_available"]
+__all__ = ["skip_mlp", "skip_mlp_reference", "dense_mlp", "kernels_pay", "triton_available"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -38,11 +40,13 @@ def skip_mlp(
     w_down: torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dispatch to the Triton kernels on CUDA, else to the torch reference (same result);
-    written into ``out`` when given."""
-    if x.is_cuda and triton_available():
+    """The Triton kernels on CUDA where this GPU's tuned plan for the shape and batch size is
+    close to cuBLAS (``plans.kernel_plan``), else the reference (same result); written into
+    ``out`` when given."""
+    plan = kernel_plan(x, w_gate_up) if triton_available() else None
+    if plan is not None:
         from .skip_mlp_triton import skip_mlp_triton
 
-        return skip_mlp_triton(x, active, w_gate_up, w_down, out=out)
+        return skip_mlp_triton(x, active, w_gate_up, w_down, out=out, plan=plan)
     result = skip_mlp_reference(x, active, w_gate_up, w_down)
     return result if out is None else out.copy_(result)

@@ -31,45 +31,21 @@ Two row layouts (``SkipMLPPlan.compact``):
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
+from .plans import (SMALL_T_MAX, SkipMLPPlan, TileConfig, choose_plan, device_name_of, nearest,
+                    tuned_plans)
 from .reference import check_skip_mlp_args
 
-#: Largest batch handled by the GEMV path; above it the compacted GEMM path is used.
-SMALL_T_MAX = 16
+__all__ = ["SMALL_T_MAX", "SkipMLPPlan", "TileConfig", "choose_plan", "compact_rows",
+           "launch_down", "launch_gate_up", "plan_for", "skip_mlp_triton"]
+
 #: Largest ``T`` the one-program compaction kernel accepts (Triton's block-size limit).
 MAX_COMPACT_T = 1 << 20
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile shape and launch options of one of the two GEMM-like kernels."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    #: tensor-core ``tl.dot`` (block_m/n/k >= 16) or broadcast-multiply-reduce (a true GEMV)
-    use_dot: bool
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def kwargs(self) -> dict:
-        """Launch keyword arguments of this tile."""
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-                    USE_DOT=self.use_dot, num_warps=self.num_warps, num_stages=self.num_stages)
-
-
-@dataclass(frozen=True)
-class SkipMLPPlan:
-    """How one call is launched; ``compact`` fixes the ``act`` row layout both kernels share."""
-
-    compact: bool
-    gate_up: TileConfig
-    down: TileConfig
+_LAUNCH = dict(enable_fp_fusion=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -212,45 +188,50 @@ def num_sms_of(device: torch.device) -> int:
     return 132
 
 
-def _pow2_clamp(v: float, lo: int, hi: int) -> int:
-    """Largest power of two <= ``v``, clamped to ``[lo, hi]``."""
-    p = lo
-    while p * 2 <= min(v, hi):
-        p *= 2
-    return p
+def plan_for(t: int, h: int, i: int, x: torch.Tensor) -> SkipMLPPlan:
+    """The tuned plan of the nearest tuned batch size on this GPU, else the heuristic's."""
+    tuned = tuned_plans(h, i, x.dtype, device_name_of(x.device)) if x.is_cuda else {}
+    return nearest(tuned, t).plan if tuned else choose_plan(t, h, i, num_sms_of(x.device))
 
 
-def _gemv_tile(t: int, n: int, sms: int) -> TileConfig:
-    """GEMV tile: the whole batch in one row tile, ``block_n`` small for ~4 programs per SM."""
-    block_m = triton.next_power_of_2(t)
-    use_dot = block_m > 4
-    if use_dot:
-        block_m = 16  # tl.dot minimum; padded rows are masked and cost no memory traffic
-        return TileConfig(block_m, _pow2_clamp(n / (4 * sms), 16, 64), 64, True)
-    block_n = _pow2_clamp(n / (4 * sms), 4, 64)
-    # Bound the [M, N, K] product held in registers.
-    block_k = _pow2_clamp(8192 // (block_m * block_n), 32, 512)
-    return TileConfig(block_m, block_n, block_k, False)
+def _dot_precision(x: torch.Tensor) -> str:
+    """fp32 must not silently run as TF32; the precision is ignored for fp16/bf16."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
-def choose_plan(t: int, h: int, i: int, num_sms: int) -> SkipMLPPlan:
-    """Pick path and tiles from the shape alone.
+def compact_rows(live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(perm, count)`` of the GEMM path: active rows first, and their number, on the device."""
+    t = live.shape[0]
+    if t > MAX_COMPACT_T:
+        raise ValueError(f"T={t} exceeds the compaction limit {MAX_COMPACT_T}")
+    perm = torch.empty(t, dtype=torch.int32, device=live.device)
+    count = torch.empty(1, dtype=torch.int32, device=live.device)
+    _compact_rows_kernel[(1,)](live, perm, count, t, BLOCK=triton.next_power_of_2(t),
+                               num_warps=4 if t <= 4096 else 8, **_LAUNCH)
+    return perm, count
 
-    No autotuning: it syncs on the first call for each key and cannot run inside a graph capture.
-    These are first guesses, not yet tuned on a GPU; ``benchmarks/kernel_bench.py`` measures them.
-    """
-    if t <= SMALL_T_MAX:
-        return SkipMLPPlan(False, _gemv_tile(t, i, num_sms), _gemv_tile(t, h, num_sms))
-    block_m = 32 if t <= 32 else 64 if t <= 256 else 128
-    m_tiles = triton.cdiv(t, block_m)
-    # Narrow tiles while there are few row tiles (memory-bound: fill every SM), wide ones once
-    # compute-bound. gate_up keeps two fp32 accumulators, so its tile is at most half as wide.
-    up_n = _pow2_clamp(i * m_tiles / num_sms, 32, 64)
-    down_n = _pow2_clamp(h * m_tiles / num_sms, 32, 128)
-    gate_up = TileConfig(block_m, up_n, 64, True, num_warps=8 if block_m * up_n >= 128 * 128 else 4)
-    down = TileConfig(block_m, down_n, 64, True,
-                      num_warps=8 if block_m * down_n >= 128 * 128 else 4)
-    return SkipMLPPlan(True, gate_up, down)
+
+def launch_gate_up(x: torch.Tensor, live: torch.Tensor, perm: torch.Tensor, count: torch.Tensor,
+                   w_gate_up: torch.Tensor, act: torch.Tensor, tile: TileConfig,
+                   compact: bool) -> None:
+    """``act = silu(gate(x)) * up(x)`` on live rows (one launch; the tuner times it alone)."""
+    t, h = x.shape
+    i = act.shape[1]
+    _gate_up_silu_kernel[(triton.cdiv(t, tile.block_m) * triton.cdiv(i, tile.block_n),)](
+        x, live, perm, count, w_gate_up, act, t, h, i,
+        x.stride(0), w_gate_up.stride(0), act.stride(0), **tile.kwargs(),
+        COMPACT=compact, DOT_PRECISION=_dot_precision(x), GROUP_M=8, **_LAUNCH)
+
+
+def launch_down(act: torch.Tensor, live: torch.Tensor, perm: torch.Tensor, count: torch.Tensor,
+                w_down: torch.Tensor, out: torch.Tensor, tile: TileConfig, compact: bool) -> None:
+    """``out = down(act)`` on live rows, 0 elsewhere (one launch; the tuner times it alone)."""
+    t, i = act.shape
+    h = out.shape[1]
+    _down_kernel[(triton.cdiv(t, tile.block_m) * triton.cdiv(h, tile.block_n),)](
+        act, live, perm, count, w_down, out, t, h, i,
+        act.stride(0), w_down.stride(0), out.stride(0), **tile.kwargs(),
+        COMPACT=compact, DOT_PRECISION=_dot_precision(act), GROUP_M=8, **_LAUNCH)
 
 
 def skip_mlp_triton(x: torch.Tensor, active: torch.Tensor, w_gate_up: torch.Tensor,
@@ -259,8 +240,8 @@ def skip_mlp_triton(x: torch.Tensor, active: torch.Tensor, w_gate_up: torch.Tens
     """Skip-aware LLaMa FFN with Triton (see the module docstring): no host sync, fixed shapes.
 
     ``out``: a contiguous ``[T, H]`` tensor to write into (every element is written), as the
-    graph-captured custom op passes it; a new one otherwise. ``plan`` overrides the heuristic
-    launch plan (tests and tuning).
+    graph-captured custom op passes it; a new one otherwise. ``plan`` overrides the tuned or
+    heuristic launch plan (tests and tuning).
     """
     t, h, i = check_skip_mlp_args(x, active, w_gate_up, w_down)
     if out is None:
@@ -275,28 +256,10 @@ def skip_mlp_triton(x: torch.Tensor, active: torch.Tensor, w_gate_up: torch.Tens
     live = active.contiguous()
     if live.dtype != torch.int8:
         live = live.view(torch.int8)  # bool/uint8 share the byte layout: a view, not a kernel
-    plan = plan or choose_plan(t, h, i, num_sms_of(x.device))
-    # fp32 must not silently run as TF32; the precision is ignored for fp16/bf16.
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    launch = dict(enable_fp_fusion=True)
-
-    if plan.compact:
-        if t > MAX_COMPACT_T:
-            raise ValueError(f"T={t} exceeds the compaction limit {MAX_COMPACT_T}")
-        perm = torch.empty(t, dtype=torch.int32, device=x.device)
-        count = torch.empty(1, dtype=torch.int32, device=x.device)
-        _compact_rows_kernel[(1,)](live, perm, count, t, BLOCK=triton.next_power_of_2(t),
-                                   num_warps=4 if t <= 4096 else 8, **launch)
-    else:
-        perm = count = live  # unused by the COMPACT=False kernels; any valid pointer will do
-
+    plan = plan or plan_for(t, h, i, x)
+    # The COMPACT=False kernels never read perm/count: any valid pointer will do.
+    perm, count = compact_rows(live) if plan.compact else (live, live)
     act = torch.empty((t, i), dtype=x.dtype, device=x.device)
-    cu, cd = plan.gate_up, plan.down
-    common = dict(COMPACT=plan.compact, DOT_PRECISION=precision, GROUP_M=8, **launch)
-    _gate_up_silu_kernel[(triton.cdiv(t, cu.block_m) * triton.cdiv(i, cu.block_n),)](
-        x, live, perm, count, w_gate_up, act, t, h, i,
-        x.stride(0), w_gate_up.stride(0), act.stride(0), **cu.kwargs(), **common)
-    _down_kernel[(triton.cdiv(t, cd.block_m) * triton.cdiv(h, cd.block_n),)](
-        act, live, perm, count, w_down, out, t, h, i,
-        act.stride(0), w_down.stride(0), out.stride(0), **cd.kwargs(), **common)
+    launch_gate_up(x, live, perm, count, w_gate_up, act, plan.gate_up, plan.compact)
+    launch_down(act, live, perm, count, w_down, out, plan.down, plan.compact)
     return out
