@@ -41,9 +41,10 @@ def run_pass(state: SkipState, positions: list[int], form: str = "cond") -> torc
     pos = torch.tensor(positions)
     x = torch.randn(len(positions), HIDDEN)
     state.begin_pass(len(positions), None)
+    carry = state.begin_carry(pos)
     mlp = SmallMLP()
     for layer in range(LAYERS):
-        out = state.step(layer, form, mlp, pos, x, x + 1.0)
+        out = state.step(layer, form, mlp, pos, x, x + 1.0, carry)
     state.end_pass(pos, skipped=True)
     return out
 
@@ -238,8 +239,9 @@ def test_dummy_pass_runs_the_skip_graph_all_dense(state, model_state):
     pos = torch.arange(8) + 100
     x = torch.randn(8, HIDDEN)
     state.begin_pass(8, None)
+    carry = state.begin_carry(pos)
     for layer in range(LAYERS):
-        out = state.step(layer, "mask", SmallMLP(), pos, x, x + 1.0)
+        out = state.step(layer, "mask", SmallMLP(), pos, x, x + 1.0, carry)
         assert torch.equal(out, SmallMLP()(x)), layer
     state.end_pass(pos, skipped=True)
     assert state.snapshot() == before
@@ -266,10 +268,11 @@ def test_every_masked_mlp_form_gives_the_same_pass(state, form):
 
     mlp.forward = lambda h: dense_mlp(h, mlp.gate_up_proj.weight, mlp.down_proj.weight)
     state.begin_pass(2, None)
-    outs = [state.step(layer, form, mlp, pos, x, 10 * x) for layer in range(LAYERS)]
+    carry = state.begin_carry(pos)
+    outs = [state.step(layer, form, mlp, pos, x, 10 * x, carry) for layer in range(LAYERS)]
     state.end_pass(pos, skipped=True)
     dense = mlp.forward(x)
-    skipped = state.skipped[:2].tolist()
+    skipped = carry["skipped"].tolist()
     assert skipped[1] == 0 and skipped[0] > 0  # span 1: skip every other hot layer
     for out in outs:
         assert torch.allclose(out[1], dense[1], atol=1e-6)  # the dense row always runs
@@ -287,3 +290,36 @@ def test_built_under_a_device_context_stages_routes_on_the_host():
     assert on_device._host_token_slot.device.type == "cpu"
     assert on_device.route(np.array([0, 1, 2]), np.array([1, on_device.no_slot]), 2)
     assert on_device._host_token_slot[:2].tolist() == [1, on_device.no_slot]
+
+
+@pytest.mark.parametrize("form", ["cond", "gather", "mask"])
+def test_compiled_pass_skips_as_eager(state, form):
+    """A whole stage traced by Dynamo (as vLLM compiles the model) skips and counts exactly
+    as it does eagerly. Guards the carry's form: written as attributes of an object, the
+    budgets were lost across ``torch.cond`` and the compiled pass skipped nothing."""
+    from vllm_ffnskip.skip_state import RequestSkipState
+
+    wire = params("r", span=1).extra_args[RESOLVED_KEY]
+    state.admit(0, RequestSkipState.from_wire("r", 2, wire))
+    state.route(np.array([0, 1, 2]), np.array([0, state.no_slot]), 2)
+    pos = torch.tensor([2, 2])
+    x = torch.randn(2, HIDDEN)
+    mlp = SmallMLP()
+
+    def stage(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        carry = state.begin_carry(pos)
+        h = x
+        for layer in range(LAYERS):
+            h = h + state.step(layer, form, mlp, pos, h, h + 1.0, carry)
+        return h
+
+    counts = []
+    for run in (stage, torch.compile(stage, backend="eager", fullgraph=True)):
+        before = state.slot_skipped[0].item()
+        state.begin_pass(2, None)
+        out = run(x, pos)
+        counts.append((state.slot_skipped[0].item() - before, out))
+    (eager_skips, eager_out), (compiled_skips, compiled_out) = counts
+    assert eager_skips == HOT_LAYERS // 2  # span 1: every other hot layer
+    assert compiled_skips == eager_skips
+    assert torch.equal(compiled_out, eager_out)

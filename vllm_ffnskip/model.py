@@ -24,7 +24,7 @@ from vllm.sequence import IntermediateTensors
 from vllm_ffnskip.masked_mlp import form_for
 from vllm_ffnskip.patches.model_impl import key_compile_cache_by_stage
 from vllm_ffnskip.policy import max_skip_rows, runs_wide_passes, wide_skip_rows
-from vllm_ffnskip.skip_state import SkipState
+from vllm_ffnskip.skip_state import PassCarry, SkipState
 from vllm_ffnskip.tracker import SkipPolicyTracker
 
 #: IntermediateTensors key of the per-token skip budgets sent to the next pipeline stage.
@@ -47,6 +47,7 @@ class FFNSkipDecoderLayer(LlamaDecoderLayer):
         positions: torch.Tensor,
         hidden_states: torch.Tensor,
         residual: torch.Tensor | None,
+        skip_carry: PassCarry,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = hidden_states
@@ -56,9 +57,31 @@ class FFNSkipDecoderLayer(LlamaDecoderLayer):
         hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
         hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
         hidden_states = self.skip_state.step(
-            self.layer_idx, self.mlp_form, self.mlp, positions, hidden_states, residual
+            self.layer_idx, self.mlp_form, self.mlp, positions, hidden_states, residual,
+            skip_carry,
         )
         return hidden_states, residual
+
+
+class FFNSkipLlamaModel(LlamaModel):
+    """vLLM's ``LlamaModel`` over ``FFNSkipDecoderLayer``s, whose forward opens the pass's
+    ``PassCarry`` and hands it to every layer (vLLM's layer loop passes extra keyword
+    arguments through): the rule's values go from layer to layer inside the graph."""
+
+    #: The model's shared SkipState (set by the model; not a registered submodule here).
+    skip_state: SkipState
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors: IntermediateTensors | None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor | IntermediateTensors:
+        carry = self.skip_state.begin_carry(positions)
+        return super().forward(
+            input_ids, positions, intermediate_tensors, inputs_embeds, skip_carry=carry
+        )
 
 
 class DenseDecoderLayer(nn.Module):
@@ -149,6 +172,7 @@ class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
         )
         # Not registered either: no weights, and its buffers are written in place.
         object.__setattr__(self, "skip_state", skip_state)
+        object.__setattr__(self.model, "skip_state", skip_state)
         for layer in self.model.layers[self.model.start_layer : self.model.end_layer]:
             object.__setattr__(layer, "skip_state", skip_state)
         make_model_tensors = self.make_empty_intermediate_tensors
@@ -161,6 +185,14 @@ class FFNSkipLlamaForCausalLM(LlamaForCausalLM):
             return tensors
 
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors
+
+    def _init_model(
+        self,
+        vllm_config: VllmConfig,
+        prefix: str = "",
+        layer_type: type[nn.Module] = FFNSkipDecoderLayer,
+    ) -> FFNSkipLlamaModel:
+        return FFNSkipLlamaModel(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 
     @staticmethod
     def get_model_state_cls() -> type:

@@ -6,8 +6,13 @@ graph. Its state lives in persistent buffers of ``SkipState``, written in place:
 * per slot (one per request in vLLM's batch; the last slot, ``no_slot``, is "no skipping
   request"): the request's hot layers, thresholds, span, first eligible position (prompt
   length + warm-up), first counted position, and its skip counters;
-* per token of the pass: its slot (``token_slot``, the pass's one host-to-device copy), its
-  skip budget and its skips in this pass.
+* per token of the pass: its slot (``token_slot``, the pass's one host-to-device copy) and
+  its skip budget on entering the stage (``budget``: zero, or the previous pipeline stage's).
+
+Within a pass the layers hand the rule's per-token values (budgets, skips so far) to each
+other as traced values in a ``PassCarry``, not through those buffers: a buffer written per
+layer is a write of the whole ``max_tokens`` buffer per layer in inductor's code, since the
+pass's size is symbolic. The stage's last layer writes them out (counts, outgoing budgets).
 
 Eligibility (a decode token past warm-up) comes from the token positions on the device, so
 no per-pass host decision enters the graph and CUDA graphs replay it as captured. A layer's
@@ -24,7 +29,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypedDict
 
 import numpy as np
 import torch
@@ -58,6 +63,23 @@ def rule_step(
     score = (h * s).sum(-1) / norms.clamp_min(1e-16).sqrt()
     tested = torch.where(score >= thresholds, span, 0)
     return torch.where(hot, torch.where(skip, budget - 1, tested), 0), score
+
+
+class PassCarry(TypedDict):
+    """The rule's per-token values that one layer of a pass hands the next, as traced values:
+    opened by the model's forward (``SkipState.begin_carry``), passed to every decoder layer.
+    What does not change between layers is gathered from the slots once per pass.
+
+    A dict, not an object with attributes: torch 2.13's Dynamo drops an attribute written on
+    a Python object when a ``torch.cond`` (the CPU's MLP forms) sits between the writes (the
+    compiled graph then skipped nothing), while a dict's items survive
+    (tests/test_skip_state.py::test_compiled_pass_skips_as_eager)."""
+
+    slot: torch.Tensor  # [T] int64: the tokens' slots
+    eligible: torch.Tensor  # [T] bool: decode tokens past their request's warm-up
+    span: torch.Tensor  # [T] int32: the budget a passed test sets
+    budget: torch.Tensor  # [T] int32: skips left in the current run
+    skipped: torch.Tensor  # [T] int32: FFN blocks skipped in this stage so far
 
 
 @dataclass
@@ -140,7 +162,6 @@ class SkipState(nn.Module):
         buffer("slot_evaluated", (slots,), torch.int64, 0)
         buffer("token_slot", (max_tokens,), torch.int64, self.no_slot)
         buffer("budget", (max_tokens,), torch.int32, 0)
-        buffer("skipped", (max_tokens,), torch.int32, 0)
         if RECORDER.enabled:
             buffer("score", (max_tokens, num_layers), torch.float32, 0.0)
         #: Host side: the admitted requests by slot, and the staging copy of ``token_slot``
@@ -280,9 +301,7 @@ class SkipState(nn.Module):
         return count
 
     def begin_pass(self, num_tokens: int, incoming_budget: torch.Tensor | None) -> None:
-        """Device ops before the graph: no skips yet; budgets from the previous pipeline
-        stage (or none)."""
-        self.skipped[:num_tokens].zero_()
+        """Device ops before the graph: budgets from the previous pipeline stage (or none)."""
         if incoming_budget is None:
             self.budget[:num_tokens].zero_()
         else:
@@ -313,6 +332,18 @@ class SkipState(nn.Module):
         if skipped is not None:
             self.slot_skipped.index_add_(0, slot, (skipped * counted).long())
 
+    def begin_carry(self, positions: torch.Tensor) -> PassCarry:
+        """The pass's carry before the stage's first layer (traced into the graph)."""
+        t = positions.shape[0]
+        slot = self.token_slot[:t]
+        return PassCarry(
+            slot=slot,
+            eligible=positions >= self.slot_start[slot],
+            span=self.slot_span[slot],
+            budget=self.budget[:t],
+            skipped=torch.zeros_like(self.budget[:t]),
+        )
+
     def step(
         self,
         layer_idx: int,
@@ -321,25 +352,26 @@ class SkipState(nn.Module):
         positions: torch.Tensor,
         hidden_states: torch.Tensor,
         residual: torch.Tensor,
+        carry: PassCarry,
     ) -> torch.Tensor:
         """One layer's FFN under the rule; skipped rows return 0. Traced into the model's
-        graph: every op has a fixed shape, no value goes to the host."""
-        t = hidden_states.shape[0]
-        slot = self.token_slot[:t]
-        hot = self.slot_hot[slot, layer_idx] & (positions >= self.slot_start[slot])
-        budget = self.budget[:t]
-        skip = hot & (budget > 0)
+        graph: every op has a fixed shape, no value goes to the host. Updates ``carry``; the
+        stage's last layer writes it out."""
+        slot = carry["slot"]
+        hot = self.slot_hot[slot, layer_idx] & carry["eligible"]
+        skip = hot & (carry["budget"] > 0)
         run = ~skip
         out = masked_mlp(form, mlp, hidden_states, run)
-        budget, score = rule_step(
-            hot, skip, budget, residual, out, self.slot_thresholds[slot, layer_idx],
-            self.slot_span[slot],
+        carry["budget"], score = rule_step(
+            hot, skip, carry["budget"], residual, out, self.slot_thresholds[slot, layer_idx],
+            carry["span"],
         )
-        self.budget[:t].copy_(budget)
-        skipped = self.skipped[:t] + skip.int()
-        self.skipped[:t].copy_(skipped)
+        carry["skipped"] = carry["skipped"] + skip.int()
         if layer_idx == self.stage_layers[-1]:  # in the graph, where the adds fuse
-            self._count(positions, skipped)
+            self._count(positions, carry["skipped"])
+            if self.stage_layers.stop < self.num_layers:  # to the next pipeline stage
+                self.budget[: hidden_states.shape[0]].copy_(carry["budget"])
         if RECORDER.enabled:  # fixed per process, and part of the compile key
+            t = hidden_states.shape[0]
             self.score[:t, layer_idx].copy_(torch.where(hot & run, score, torch.nan))
         return out
