@@ -217,8 +217,9 @@ def main() -> int:
     p.add_argument("--compile-budget", type=float, default=150.0, help="seconds")
     p.add_argument("--write", action="store_true", help="write the plugin's tuned-plan files")
     p.add_argument("--dump", type=Path, help="write every timing to this JSON file")
-    p.add_argument("--config-dir", type=Path, help="where --write puts the files "
-                   "(default: the plugin's vllm_ffnskip/kernels/configs)")
+    p.add_argument("--config-dir", type=Path, help="where --write puts the files (default: "
+                   "$VLLM_TUNED_CONFIG_FOLDER, which the server reads first, else the plugin's "
+                   "vllm_ffnskip/kernels/configs)")
     args = p.parse_args()
     args.batches = [int(b) for b in args.batches.split(",")]
     args.dtypes = [d for d in args.dtypes.split(",") if d]
@@ -227,7 +228,7 @@ def main() -> int:
         os.environ["TRITON_INTERPRET"] = "1"  # before Triton is imported: plumbing only
     from vllm_ffnskip.kernels import plans as plans_mod
 
-    args.config_dir = args.config_dir or plans_mod.CONFIG_DIR
+    args.config_dir = args.config_dir or plans_mod.config_dirs()[0]
 
     items = work_items(args)
     name = plans_mod.device_name_of(torch.device("cuda")) if args.device == "cuda" else "cpu"

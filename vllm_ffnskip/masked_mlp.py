@@ -44,7 +44,7 @@ from vllm.platforms import current_platform
 from vllm.utils.torch_utils import direct_register_custom_op
 
 from vllm_ffnskip.kernels import kernels_pay, skip_mlp
-from vllm_ffnskip.kernels.plans import config_file_name, device_name_of
+from vllm_ffnskip.kernels.plans import config_dirs, config_file_name, device_name_of
 
 logger = init_logger(f"vllm.{__name__}")
 
@@ -116,11 +116,12 @@ def _kernels_pay(h: int, i: int, dtype: torch.dtype) -> bool:
     if kernels_pay(h, i, dtype, name):
         return True
     logger.warning(
-        "vllm-ffnskip: no tuned FFN-kernel plan for H=%d, I=%d (per rank), %s on %s "
-        "(vllm_ffnskip/kernels/configs/%s). Requests skip FFN blocks by the same rule, but "
-        "the blocks are computed with cuBLAS and masked: no speed-up. Tune with "
+        "vllm-ffnskip: no tuned FFN-kernel plan within 10%% of cuBLAS for H=%d, I=%d (per "
+        "rank), %s on %s (%s in %s). Requests skip FFN blocks by the same rule, but the "
+        "blocks are computed with cuBLAS and masked: no speed-up. Tune with "
         "benchmarks/kernel_tune.py --write (docs/kernels.md).",
-        h, i, dtype, name, config_file_name(h, i, dtype, name))
+        h, i, dtype, name, config_file_name(h, i, dtype, name),
+        " or ".join(str(d) for d in config_dirs()))
     return False
 
 

@@ -76,3 +76,20 @@ def test_tuner_writes_a_file_the_op_reads(tmp_path: Path) -> None:
     assert all(p.us > 0 and p.cublas_us > 0 for p in read.values())
     meta = json.loads(next(tmp_path.iterdir()).read_text())["meta"]
     assert meta["device"] == "cpu" and "kernel_tune.py" in meta["command"]
+
+
+def test_operator_folder_is_read_before_the_shipped_files(tmp_path: Path, monkeypatch) -> None:
+    """``VLLM_TUNED_CONFIG_FOLDER`` (vLLM's variable for tuned kernel configs, e.g. a mounted
+    ConfigMap) is looked up first; without a file there, the shipped folder is."""
+    user, shipped = tmp_path / "user", tmp_path / "shipped"
+    name = plans.config_file_name(8, 16, torch.bfloat16, "GPU_Y")
+    plans.write_tuned_plans(shipped / name, {1: tuned(99.0, 74.0)}, {})
+    monkeypatch.setattr(plans, "CONFIG_DIR", shipped)
+    monkeypatch.setenv(plans.TUNED_CONFIG_FOLDER_ENV, str(user))
+    plans.tuned_plans.cache_clear()
+    assert plans.tuned_plans(8, 16, torch.bfloat16, "GPU_Y")[1].us == 99.0  # none in user
+    plans.write_tuned_plans(user / name, {1: tuned(70.0, 74.0)}, {})
+    plans.tuned_plans.cache_clear()
+    assert plans.tuned_plans(8, 16, torch.bfloat16, "GPU_Y")[1].us == 70.0
+    assert plans.config_dirs() == [user, shipped]
+    plans.tuned_plans.cache_clear()

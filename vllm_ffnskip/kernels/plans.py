@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +27,8 @@ import torch
 SMALL_T_MAX = 16
 #: Tuned-plan files, one per FFN shape (per tensor-parallel rank), dtype and GPU.
 CONFIG_DIR = Path(__file__).with_name("configs")
+#: A folder of the operator's tuned files, looked up before ``CONFIG_DIR`` (vLLM's variable).
+TUNED_CONFIG_FOLDER_ENV = "VLLM_TUNED_CONFIG_FOLDER"
 #: The kernels run where their tuned time with every row running is at most this many times
 #: cuBLAS's: from ~10% of layers skipped by every row of the pass on, they save time.
 KERNEL_MAX_SLOWDOWN = 1.1
@@ -140,15 +143,25 @@ def write_tuned_plans(path: Path, plans: dict[int, TunedPlan], meta: dict) -> No
     path.write_text(json.dumps(body, indent=1) + "\n")
 
 
+def config_dirs() -> list[Path]:
+    """Where tuned-plan files are looked up, first match wins: vLLM's own
+    ``VLLM_TUNED_CONFIG_FOLDER`` (where operators already put tuned fused-MoE configs, e.g. a
+    mounted ConfigMap; our file names do not collide with those), then the shipped ones."""
+    user = os.environ.get(TUNED_CONFIG_FOLDER_ENV)
+    return [Path(user), CONFIG_DIR] if user else [CONFIG_DIR]
+
+
 @functools.cache
 def tuned_plans(h: int, i: int, dtype: torch.dtype, device_name: str,
                 config_dir: Path | None = None) -> dict[int, TunedPlan]:
     """The tuned plans by batch size of this shape, dtype and GPU, or none (``config_dir``:
-    the shipped ``CONFIG_DIR`` unless given)."""
-    path = (config_dir or CONFIG_DIR) / config_file_name(h, i, dtype, device_name)
-    if not path.exists():
-        return {}
-    return {int(t): TunedPlan.from_dict(e) for t, e in json.loads(path.read_text())["plans"].items()}
+    only that folder; else ``config_dirs()``)."""
+    name = config_file_name(h, i, dtype, device_name)
+    for folder in [config_dir] if config_dir else config_dirs():
+        if (folder / name).exists():
+            body = json.loads((folder / name).read_text())
+            return {int(t): TunedPlan.from_dict(e) for t, e in body["plans"].items()}
+    return {}
 
 
 def nearest(tuned: dict[int, TunedPlan], t: int) -> TunedPlan:
