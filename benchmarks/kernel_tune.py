@@ -47,7 +47,7 @@ SMEM_BYTES = 200 * 1024  # under Hopper's 227 KiB per block, leaving Triton's ow
 def candidates(t: int, compact: bool, kernel: str) -> Iterator:
     """Tiles worth timing for ``T`` rows: broadcast-reduce GEMVs (``T`` <= 4), 16-row
     ``tl.dot`` tiles over the whole batch (``T`` <= 16), compacted ``tl.dot`` tiles above."""
-    from vllm_ffnskip.kernels.skip_mlp_triton import TileConfig
+    from vllm_ffnskip.kernels.plans import TileConfig
 
     weights = 2 if kernel == "gate_up" else 1  # gate_up loads a gate and an up tile
     if not compact and t <= 4:
@@ -115,7 +115,7 @@ class Problem:
 
 def work_items(args: argparse.Namespace) -> list[tuple[str, int, str, object]]:
     """(dtype, T, kernel, tile) to compile and time, smallest batches first."""
-    from vllm_ffnskip.kernels.skip_mlp_triton import SMALL_T_MAX
+    from vllm_ffnskip.kernels.plans import SMALL_T_MAX
 
     return [(dt, t, kernel, tile) for t in args.batches for dt in args.dtypes
             for kernel in ("gate_up", "down") for tile in candidates(t, t > SMALL_T_MAX, kernel)]
