@@ -47,11 +47,11 @@ SMEM_BYTES = 200 * 1024  # under Hopper's 227 KiB per block, leaving Triton's ow
 def candidates(t: int, compact: bool, kernel: str) -> Iterator:
     """Tiles worth timing for ``T`` rows: broadcast-reduce GEMVs (``T`` <= 4), 16-row
     ``tl.dot`` tiles over the whole batch (``T`` <= 16), compacted ``tl.dot`` tiles above."""
-    from vllm_ffnskip.kernels.plans import TileConfig
+    from vllm_ffnskip.kernels.plans import TileConfig, next_pow2
 
     weights = 2 if kernel == "gate_up" else 1  # gate_up loads a gate and an up tile
     if not compact and t <= 4:
-        bm = triton_next_pow2(t)
+        bm = next_pow2(t)
         for bn, bk, nw in itertools.product((4, 8, 16, 32), (128, 256, 512, 1024), (2, 4, 8)):
             if weights * bm * bn * bk <= 2048 * nw:  # the [M, N, K] product held in registers
                 yield TileConfig(bm, bn, bk, False, num_warps=nw)
@@ -63,10 +63,6 @@ def candidates(t: int, compact: bool, kernel: str) -> Iterator:
     for bm, bn, bk, nw, ns in itertools.product(*space):
         if ns * (bm + weights * bn) * bk * 2 <= SMEM_BYTES:
             yield TileConfig(bm, bn, bk, True, num_warps=nw, num_stages=ns)
-
-
-def triton_next_pow2(v: int) -> int:
-    return 1 << (v - 1).bit_length()
 
 
 def short(tile) -> str:

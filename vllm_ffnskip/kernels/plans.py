@@ -91,9 +91,14 @@ def _pow2_clamp(v: float, lo: int, hi: int) -> int:
     return p
 
 
+def next_pow2(v: int) -> int:
+    """The smallest power of two >= ``v`` (Triton's ``next_power_of_2``, without Triton)."""
+    return 1 << (v - 1).bit_length()
+
+
 def _gemv_tile(t: int, n: int, sms: int) -> TileConfig:
     """GEMV tile: the whole batch in one row tile, ``block_n`` small for ~4 programs per SM."""
-    block_m = 1 << (t - 1).bit_length()  # next power of two
+    block_m = next_pow2(t)
     use_dot = block_m > 4
     if use_dot:
         block_m = 16  # tl.dot minimum; padded rows are masked and cost no memory traffic
@@ -178,12 +183,15 @@ def competitive_plan(tuned: dict[int, TunedPlan], t: int) -> SkipMLPPlan | None:
     return entry.plan if entry.competitive else None
 
 
+def tuned_plans_for(x: torch.Tensor, i: int) -> dict[int, TunedPlan]:
+    """The tuned plans of the FFN that ``x`` [T, H] enters (``i``: its width per rank) on
+    ``x``'s GPU; none off CUDA."""
+    return tuned_plans(x.shape[1], i, x.dtype, device_name_of(x.device)) if x.is_cuda else {}
+
+
 def kernel_plan(x: torch.Tensor, w_gate_up: torch.Tensor) -> SkipMLPPlan | None:
     """The plan the op runs the Triton kernels with for this call, or none (cuBLAS)."""
-    if not x.is_cuda:
-        return None
-    tuned = tuned_plans(x.shape[1], w_gate_up.shape[0] // 2, x.dtype, device_name_of(x.device))
-    return competitive_plan(tuned, x.shape[0])
+    return competitive_plan(tuned_plans_for(x, w_gate_up.shape[0] // 2), x.shape[0])
 
 
 def kernels_pay(h: int, i: int, dtype: torch.dtype, device_name: str,

@@ -36,8 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .plans import (SMALL_T_MAX, SkipMLPPlan, TileConfig, choose_plan, device_name_of, nearest,
-                    tuned_plans)
+from .plans import SMALL_T_MAX, SkipMLPPlan, TileConfig, choose_plan, nearest, tuned_plans_for
 from .reference import check_skip_mlp_args
 
 __all__ = ["SMALL_T_MAX", "SkipMLPPlan", "TileConfig", "choose_plan", "compact_rows",
@@ -190,7 +189,7 @@ def num_sms_of(device: torch.device) -> int:
 
 def plan_for(t: int, h: int, i: int, x: torch.Tensor) -> SkipMLPPlan:
     """The tuned plan of the nearest tuned batch size on this GPU, else the heuristic's."""
-    tuned = tuned_plans(h, i, x.dtype, device_name_of(x.device)) if x.is_cuda else {}
+    tuned = tuned_plans_for(x, i)
     return nearest(tuned, t).plan if tuned else choose_plan(t, h, i, num_sms_of(x.device))
 
 
@@ -211,27 +210,30 @@ def compact_rows(live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return perm, count
 
 
+def _launch(kernel, a: torch.Tensor, live: torch.Tensor, perm: torch.Tensor,
+            count: torch.Tensor, w: torch.Tensor, o: torch.Tensor, tile: TileConfig,
+            compact: bool, t: int, h: int, i: int) -> None:
+    """One launch of either GEMM-like kernel (same argument order): input ``a``, weight ``w``,
+    output ``o``, one program per output tile."""
+    grid = (triton.cdiv(t, tile.block_m) * triton.cdiv(o.shape[1], tile.block_n),)
+    kernel[grid](a, live, perm, count, w, o, t, h, i, a.stride(0), w.stride(0), o.stride(0),
+                 **tile.kwargs(), COMPACT=compact, DOT_PRECISION=_dot_precision(a), GROUP_M=8,
+                 **_LAUNCH)
+
+
 def launch_gate_up(x: torch.Tensor, live: torch.Tensor, perm: torch.Tensor, count: torch.Tensor,
                    w_gate_up: torch.Tensor, act: torch.Tensor, tile: TileConfig,
                    compact: bool) -> None:
     """``act = silu(gate(x)) * up(x)`` on live rows (one launch; the tuner times it alone)."""
-    t, h = x.shape
-    i = act.shape[1]
-    _gate_up_silu_kernel[(triton.cdiv(t, tile.block_m) * triton.cdiv(i, tile.block_n),)](
-        x, live, perm, count, w_gate_up, act, t, h, i,
-        x.stride(0), w_gate_up.stride(0), act.stride(0), **tile.kwargs(),
-        COMPACT=compact, DOT_PRECISION=_dot_precision(x), GROUP_M=8, **_LAUNCH)
+    (t, h), i = x.shape, act.shape[1]
+    _launch(_gate_up_silu_kernel, x, live, perm, count, w_gate_up, act, tile, compact, t, h, i)
 
 
 def launch_down(act: torch.Tensor, live: torch.Tensor, perm: torch.Tensor, count: torch.Tensor,
                 w_down: torch.Tensor, out: torch.Tensor, tile: TileConfig, compact: bool) -> None:
     """``out = down(act)`` on live rows, 0 elsewhere (one launch; the tuner times it alone)."""
-    t, i = act.shape
-    h = out.shape[1]
-    _down_kernel[(triton.cdiv(t, tile.block_m) * triton.cdiv(h, tile.block_n),)](
-        act, live, perm, count, w_down, out, t, h, i,
-        act.stride(0), w_down.stride(0), out.stride(0), **tile.kwargs(),
-        COMPACT=compact, DOT_PRECISION=_dot_precision(act), GROUP_M=8, **_LAUNCH)
+    (t, i), h = act.shape, out.shape[1]
+    _launch(_down_kernel, act, live, perm, count, w_down, out, tile, compact, t, h, i)
 
 
 def skip_mlp_triton(x: torch.Tensor, active: torch.Tensor, w_gate_up: torch.Tensor,
