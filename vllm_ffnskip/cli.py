@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 from collections.abc import Sequence
 
 
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--policy", help="policy file (default: the model's shipped default)"
     )
     p.add_argument("--dtype", default="float32", help="served: the server's --dtype")
+    p.add_argument(
+        "--server", type=json.loads, default={},
+        help='more ffnskip server keys, as JSON (e.g. \'{"wide_skip_rows": 16}\')',
+    )  # fmt: skip
     p.add_argument(
         "--concurrency", type=_ints, default=[1, 2, 4, 8, 16, 32, 64],
         help="served: vllm bench serve --max-concurrency values",

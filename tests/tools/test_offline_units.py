@@ -194,3 +194,23 @@ def test_share_of_ideal_gain_only_where_there_is_a_gain_to_share():
     assert share_cell(share_of_ideal_gain(0.99, 1 + 1.2e-5)) == "–"
     assert share_cell(share_of_ideal_gain(1.05, 1.0)) == "–"
     assert share_cell(0.634) == "0.63"
+
+
+def test_bench_server_keys_reach_the_ffnskip_server_only(tmp_path):
+    """``vllm-ffnskip bench --server`` adds its keys to the benchmarked ffnskip server's
+    ``additional_config`` beside the policy; the vanilla baseline gets none."""
+    import json
+
+    from vllm_ffnskip import cli
+    from vllm_ffnskip.tools.served_bench import serve_args
+
+    policy = tmp_path / "p.json"
+    policy.write_text("{}")
+    args = cli.build_parser().parse_args(
+        ["bench", "--policy", str(policy), "--server", '{"wide_skip_rows": 16}'])
+    options = serve_args("ffnskip", args, 8)
+    config = json.loads(options[options.index("--additional-config") + 1])["ffnskip"]
+    assert config == {"wide_skip_rows": 16, "enabled": True, "policy_file": str(policy.resolve())}
+    assert "--additional-config" not in serve_args("vllm", args, 8)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--server", "{wide"])

@@ -205,7 +205,7 @@ def main(args: Any) -> None:
     if args.in_process:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # read by every engine made below
     model = engine.resolve_model(args.model)
-    server: dict[str, Any] = {"enabled": False}
+    server: dict[str, Any] = {"enabled": False, **args.server}
     if args.policy:
         server["policy_file"] = str(policy_path(args.policy).resolve())
     llm = engine.make_llm(
@@ -220,6 +220,7 @@ def main(args: Any) -> None:
     report: dict[str, Any] = {
         "model": Path(model).name,
         "policy": args.policy or "shipped default",
+        "server": args.server,
         "output_tokens": args.output_tokens,
         "mode": "eager" if args.eager else "compiled",
         "in_process": args.in_process,

@@ -44,8 +44,10 @@ def serve_args(impl: str, args: Any, max_num_seqs: int) -> list[str]:
                "--seed", "0"]  # fmt: skip
     if args.eager:
         options.append("--enforce-eager")
-    if impl == "ffnskip" and args.policy:
-        config = {"enabled": True, "policy_file": str(policy_path(args.policy).resolve())}
+    config = dict(args.server)
+    if args.policy:
+        config.update(enabled=True, policy_file=str(policy_path(args.policy).resolve()))
+    if impl == "ffnskip" and config:
         options += ["--additional-config", json.dumps({"ffnskip": config})]
     return options
 
@@ -176,6 +178,7 @@ def main(args: Any) -> None:
         "mode": "served",
         "model": Path(model).name,
         "policy": args.policy or "shipped default",
+        "server": args.server,
         "dtype": args.dtype,
         "compiled": not args.eager,
         "input_len": args.input_len,
