@@ -34,10 +34,11 @@ class RowCountMLP(nn.Module):
         ([True], 1),
         ([False], 0),  # nothing runs: no MLP call, no weights read
         ([True, True, True, True], 4),  # every row runs: no gather
-        ([False, True, False, True], 2),
-        ([True, False, False, False], 2),  # one row: gathered with a neighbour (not a GEMV)
+        ([False, True, False, True], 4),  # the gather's least: MIN_GATHER_ROWS
+        ([True, False, False], 3),  # narrower than that: the whole pass (never a GEMV)
         ([False, False, False, False], 0),
-        ([True, True, False, True, False, True], 4),
+        ([False, False, True, False, False, False, False, False], 4),  # one row, padded
+        ([True, True, False, True, False, True, True, False], 5),
     ],
 )
 def test_gather_form_computes_only_the_running_rows(run, computed):
@@ -69,7 +70,8 @@ def test_gather_form_compiles_with_a_dynamic_width():
 
     compiled = torch.compile(layer, backend=backend, fullgraph=True, dynamic=True)
     with torch.no_grad():
-        for t, running in [(4, [0, 2]), (6, [1]), (6, []), (6, range(6)), (9, [3, 4, 8])]:
+        cases = [(4, [0, 2]), (6, [1]), (6, []), (6, range(6)), (9, [3, 4, 8]), (3, [1]), (2, [0])]
+        for t, running in cases:
             x = torch.randn(t, HIDDEN)
             run = torch.zeros(t, dtype=torch.bool)
             run[list(running)] = True
@@ -82,7 +84,8 @@ def test_gather_form_compiles_with_a_dynamic_width():
 def test_onednn_rows_do_not_depend_on_their_neighbours(dtype):
     """Why the gather keeps dense rows' tokens: vLLM's CPU GEMM (``onednn_mm``, as its linear
     layers call it) gives a row computed among any k >= 2 gathered rows bit for bit what it
-    gives among all T (one row alone is a GEMV, which ``running_rows_mlp`` never runs)."""
+    gives among all T (one row alone is a GEMV, which ``running_rows_mlp`` never runs: it
+    gathers at least ``MIN_GATHER_ROWS``)."""
     from vllm import _custom_ops as ops
 
     if not ops._supports_onednn:

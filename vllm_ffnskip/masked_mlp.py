@@ -125,18 +125,26 @@ def _kernels_pay(h: int, i: int, dtype: torch.dtype) -> bool:
     return False
 
 
+#: The fewest rows the gather computes (fewer running rows are padded with skipped ones, whose
+#: outputs the mask drops). Below 2, oneDNN computes a row another way (a GEMV) whose rounding
+#: differs from the same row among more, which would change dense rows' tokens; and 1-2 rows
+#: cost more than 3-6 (26 MLPs of the embedded model, fp32, one thread, 2-core EPYC: 19.0 ms for
+#: 1 row, 21.6 for 2, 14.3 for 4; bf16 10.7, 11.5, 8.7: benchmarks/attainable_share.py).
+MIN_GATHER_ROWS = 4
+
+
 def running_rows_mlp(mlp: nn.Module, x: torch.Tensor, run: torch.Tensor) -> torch.Tensor:
     """``mlp`` on the rows where ``run`` is set (some, not all), gathered first; other rows 0.
 
-    The gather holds at least two rows: oneDNN computes a one-row GEMM another way (a GEMV),
-    whose rounding differs, while a row computed among any two or more rows is bit-identical
-    to the same row among all (tests/test_masked_mlp.py checks it), so dense rows keep their tokens.
-    The row count is read from the device (``.item()``: an unbacked size), which Dynamo
-    accepts inside a ``torch.cond`` branch (tests/test_masked_mlp.py traces it).
+    The gather holds at least ``MIN_GATHER_ROWS`` rows (or the whole pass, if narrower): a row
+    computed among any two or more rows is bit-identical to the same row among all
+    (tests/test_masked_mlp.py checks it), so dense rows keep their tokens. The row count is
+    read from the device (``.item()``: an unbacked size), which Dynamo accepts inside a
+    ``torch.cond`` branch (tests/test_masked_mlp.py traces it).
     """
     t = x.shape[0]
-    k = run.sum()
-    n = torch.where((k == 1) & (t > 1), 2, k).item()
+    # Tensor ops, not min(): a Python comparison with the symbolic width would guard on it.
+    n = run.sum().clamp_min(MIN_GATHER_ROWS).clamp_max(t).item()
     torch._check(n >= 0)
     torch._check(n <= t)
     rows = torch.argsort((~run).to(torch.int8), stable=True)[:n]  # running rows first

@@ -30,6 +30,26 @@ import numpy as np
 METHODS = ("global", "quantile", "damage")
 
 
+def replay(
+    scores: np.ndarray,
+    thresholds: np.ndarray,
+    cold_start: int,
+    cold_end: int,
+    span: int,
+) -> np.ndarray:
+    """``[tokens, layers]`` bool: the FFN blocks the greedy rule of docs/algorithm.md skips
+    when it runs on these dense scores (warm-up excluded)."""
+    tokens, layers = scores.shape
+    skipped = np.zeros((tokens, layers), dtype=bool)
+    budget = np.zeros(tokens, dtype=np.int64)
+    for l in range(cold_start, layers - cold_end):
+        skipped[:, l] = skip = budget > 0
+        budget = np.where(
+            skip, budget - 1, np.where(scores[:, l] >= thresholds[l], span, 0)
+        )
+    return skipped
+
+
 def simulate(
     scores: np.ndarray,
     thresholds: np.ndarray,
@@ -37,18 +57,9 @@ def simulate(
     cold_end: int,
     span: int,
 ) -> float:
-    """ρ over all layers of the profiled decode tokens (warm-up excluded) when the greedy
-    rule of docs/algorithm.md runs on these dense scores."""
-    tokens, layers = scores.shape
-    budget = np.zeros(tokens, dtype=np.int64)
-    skipped = 0
-    for l in range(cold_start, layers - cold_end):
-        skip = budget > 0
-        skipped += int(skip.sum())
-        budget = np.where(
-            skip, budget - 1, np.where(scores[:, l] >= thresholds[l], span, 0)
-        )
-    return skipped / (tokens * layers)
+    """ρ over all layers of the profiled decode tokens (warm-up excluded): the share of
+    ``replay``'s blocks skipped."""
+    return float(replay(scores, thresholds, cold_start, cold_end, span).mean())
 
 
 def cold_regions(mean: list[float], cutoff: float, min_cold: int) -> tuple[int, int]:
