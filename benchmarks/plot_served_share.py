@@ -2,7 +2,8 @@
 (served) reports, one line per report (e.g. fp32 and bf16).
 
     python benchmarks/plot_served_share.py docs/served_fp32.json docs/served_bf16.json \
-        docs/served_fp32_before_fallback.json docs/served_fp32_wide8.json --out docs/served_share.png
+        docs/served_fp32_before_fallback.json docs/served_fp32_wide8.json \
+        docs/served_bf16_wide8.json --out docs/served_share.png
 
 A report may carry a ``label`` (default: its dtype).
 """
