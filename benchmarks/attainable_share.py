@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,8 +46,10 @@ from vllm_ffnskip.policy import policy_path
 from vllm_ffnskip.tools import calibrate
 from vllm_ffnskip.tools.bench import ffn_share, share_cell, share_of_ideal_gain
 
-#: Cost models of a layer's FFN in a pass of B rows, k running: t(k) / t(B) for k = 0 … B.
-ALL_ROWS_SKIP, MEASURED, PER_ROW = "all rows skip", "measured t(k)", "per-row FLOPs"
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # masked_mlp_forms, beside this file
+
+#: A cost model: for a pass of B rows, a layer's FFN cost with k = 0 … B running rows.
+CostModel = Callable[[int], np.ndarray]
 
 
 def padded(cost: np.ndarray, batch: int) -> np.ndarray:
@@ -94,23 +98,18 @@ def ceiling(saved: float, rho: float, phi: float) -> float:
 
 def mlp_times(hf_config, dtype: torch.dtype, max_rows: int, layers: int, repeats: int) -> np.ndarray:
     """ms of ``layers`` MLPs of the model's shape on k = 0 … ``max_rows`` rows: vLLM's CPU GEMM
-    (``onednn_mm``), one compiled graph of dynamic width. The widths take turns in every
-    repeat, so a drift of the machine's speed moves all of them alike; median per width."""
-    from vllm import _custom_ops as ops
+    (``masked_mlp_forms.OneDNNMLP``), one compiled graph of dynamic width. The widths take turns
+    in every repeat, so a drift of the machine's speed moves all of them alike; median per width."""
+    from masked_mlp_forms import OneDNNMLP
 
-    h, i = hf_config.hidden_size, hf_config.intermediate_size
+    h = hf_config.hidden_size
     torch.manual_seed(0)
-    weights = [
-        (ops.create_onednn_mm((torch.randn(2 * i, h) * 0.02).to(dtype).t(), 32),
-         ops.create_onednn_mm((torch.randn(h, i) * 0.02).to(dtype).t(), 32))
-        for _ in range(layers)
-    ]
+    mlps = [OneDNNMLP(dtype, h, hf_config.intermediate_size) for _ in range(layers)]
 
     @torch.compile(fullgraph=True, dynamic=True)
     def stack(x: torch.Tensor) -> torch.Tensor:
-        for gate_up, down in weights:
-            gate, up = ops.onednn_mm(gate_up, x, None).chunk(2, dim=-1)
-            x = x + ops.onednn_mm(down, torch.nn.functional.silu(gate) * up, None)
+        for mlp in mlps:
+            x = x + mlp(x)
         return x
 
     inputs = {k: torch.randn(k, h, dtype=dtype) * 0.1 for k in range(1, max_rows + 1)}
@@ -154,9 +153,10 @@ def main() -> None:
     policy = json.loads(policy_path(args.policy).read_text())
     skipped, warmup_share = skip_blocks(profile, policy, args.decode_tokens)
     batches = [int(b) for b in args.batches.split(",")]
-    costs = {
-        ALL_ROWS_SKIP: np.minimum(np.arange(max(batches) + 1), 1.0),
-        PER_ROW: np.arange(max(batches) + 1, dtype=np.float64),
+    rows = np.arange(max(batches) + 1, dtype=np.float64)
+    costs: dict[str, CostModel] = {
+        "all rows skip": lambda b: np.minimum(rows[: b + 1], 1.0),
+        "per-row FLOPs": lambda b: rows[: b + 1],
     }
     times = json.loads(Path(args.times).read_text())["times"] if args.times else {}
     for name in filter(None, args.dtypes.split(",")):
@@ -164,8 +164,9 @@ def main() -> None:
             times[name] = mlp_times(
                 hf_config, getattr(torch, name), max(batches), args.layers, args.repeats
             ).tolist()
-        costs[f"{MEASURED}, {name}"] = np.asarray(times[name])
-        costs[f"padded, {name}"] = np.asarray(times[name])
+        t = np.asarray(times[name])
+        costs[f"measured t(k), {name}"] = lambda b, t=t: t[: b + 1]
+        costs[f"padded, {name}"] = lambda b, t=t: padded(t, b)
     rho = float(skipped.mean()) * (1 - warmup_share)
     print(f"{profile['num_tokens']} profiled tokens, policy {Path(args.policy).stem}, "
           f"{torch.get_num_threads()} threads; ρ {rho:.3f} (warm-up share {warmup_share:.3f}), "
@@ -177,9 +178,7 @@ def main() -> None:
     print("|---|" + "---|" * len(costs))
     for batch in batches:
         for name, cost in costs.items():
-            if name.startswith("padded"):
-                cost = padded(cost, batch)
-            saved = saved_share(skipped, warmup_share, batch, cost, args.samples, rng)
+            saved = saved_share(skipped, warmup_share, batch, cost(batch), args.samples, rng)
             shares[name].append(ceiling(saved, rho, phi))
         print(f"| {batch} | " + " | ".join(share_cell(v[-1]) for v in shares.values()) + " |",
               flush=True)

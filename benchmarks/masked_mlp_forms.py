@@ -36,10 +36,10 @@ HIDDEN, INTERMEDIATE, HOT_LAYERS = 576, 1536, 26  # SmolLM2-135M
 class OneDNNMLP(nn.Module):
     """A LLaMa MLP whose GEMMs are vLLM's CPU ``onednn_mm`` (as its linear layers run)."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, hidden: int = HIDDEN, intermediate: int = INTERMEDIATE) -> None:
         super().__init__()
-        self.gate_up = ops.create_onednn_mm((torch.randn(2 * INTERMEDIATE, HIDDEN) * 0.02).to(dtype).t(), 32)
-        self.down = ops.create_onednn_mm((torch.randn(HIDDEN, INTERMEDIATE) * 0.02).to(dtype).t(), 32)
+        self.gate_up = ops.create_onednn_mm((torch.randn(2 * intermediate, hidden) * 0.02).to(dtype).t(), 32)
+        self.down = ops.create_onednn_mm((torch.randn(hidden, intermediate) * 0.02).to(dtype).t(), 32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = ops.onednn_mm(self.gate_up, x, None).chunk(2, dim=-1)

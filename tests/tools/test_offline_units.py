@@ -49,7 +49,6 @@ def test_simulate_follows_the_greedy_rule():
     assert calibrate.simulate(scores, np.full(6, 1.0), 1, 1, 1) == 0.0
 
 
-
 def test_replay_marks_the_blocks_the_rule_skips():
     """The same token: span 1 skips layers 2 and 4, span 3 layers 2-4; cold layers never."""
     scores = np.array([[0.1, 0.99, 0.5, 0.99, 0.99, 0.99]])
@@ -58,6 +57,7 @@ def test_replay_marks_the_blocks_the_rule_skips():
     span_3 = calibrate.replay(scores, thresholds, 1, 1, 3)
     assert span_1.tolist() == [[False, False, True, False, True, False]]
     assert span_3.tolist() == [[False, False, True, True, True, False]]
+
 
 def synthetic_profile(seed: int = 0) -> dict:
     """Layer 0 and the last layer unsaturated; hot layers with differing score levels."""
